@@ -1,0 +1,181 @@
+"""The ``nestbed`` command line.
+
+Exit status: ``nestbed run`` exits with the guest command's own status.  Any failure
+of nestbed itself (bad arguments, unknown image, a guest that panics or hangs, QEMU
+crashing) prints one line ``nestbed: error: ...`` on stderr and exits 125 (as
+``docker run`` does), so it cannot be confused with a command's usual statuses;
+130 means interrupted (Ctrl-C), 143 terminated (SIGTERM).  Full details (serial
+and QEMU stderr tails) go to stderr with ``-v``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+from harness import paths
+from harness.errors import HarnessError, UsageError
+from harness.spec import Accel
+
+EXIT_HARNESS = 125
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        print(f"nestbed: error: {message}", file=sys.stderr)
+        sys.exit(EXIT_HARNESS)
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2))
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from harness import probe
+
+    result = probe.probe(refresh=args.refresh)
+    if args.json:
+        _print_json(result)
+        return 0
+    cpu, kvm = result["cpu"], result["kvm"]
+    print(f"host:    {result['hostname']}  kernel {result['kernel']}  {cpu['vendor']} {cpu['model']}")
+    print(f"cpu:     vmx={cpu['vmx']} svm={cpu['svm']} hypervisor={cpu['hypervisor']} cpus={cpu['cpus']}")
+    print(f"kvm:     /dev/kvm present={kvm['present']} openable={kvm['openable']} "
+          f"modules={','.join(kvm['modules']) or '-'} nested={kvm['nested'] or '-'}")
+    print(f"qemu:    {result['qemu']}")
+    for arch, verdict in result["accel"].items():
+        print(f"accel:   {arch:7} {verdict['chosen']:4} {verdict['reason']}")
+    return 0
+
+
+def cmd_images_list(args: argparse.Namespace) -> int:
+    from harness import images
+
+    rows = [img.describe() for img in images.list_images()]
+    if args.json:
+        _print_json(rows)
+        return 0
+    for row in rows:
+        state = "built" if row["built"] else "not built"
+        print(f"{row['name']:20} {row['arch']:7} {row['kind']:7} {state:10} {row['description']}")
+    return 0
+
+
+def cmd_images_build(args: argparse.Namespace) -> int:
+    from harness import images
+
+    targets = [images.get_image(name) for name in args.names]  # unknown names fail before any build
+    for img in targets:
+        images.build(img, force=args.force)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from harness.guest import BootOptions, boot
+
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise UsageError("run: no command given (usage: nestbed run IMAGE -- CMD...)")
+    opts = BootOptions(accel=Accel(args.accel), vcpus=args.vcpus, memory_mb=args.memory,
+                       kernel=Path(args.kernel) if args.kernel else None)
+    with boot(args.image, options=opts) as guest:
+        result = guest.run(command[0], *command[1:], timeout=args.timeout)
+    sys.stdout.write(result.stdout)
+    sys.stderr.write(result.stderr)
+    sys.stdout.flush()
+    return result.exit_status
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from harness import bench
+
+    results = bench.run_all(runs=args.runs, only=args.only)
+    if args.json:
+        _print_json(results)
+    else:
+        print(bench.render_text(results))
+    if args.write:
+        bench.write_markdown(Path(args.write), results)
+        print(f"nestbed: wrote {args.write}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="nestbed", description="Boot QEMU guests (and guests inside guests) and test them.",
+                epilog="Exit status: `run` passes the guest command's status through; nestbed's own "
+                       "errors print one line (-v: with the serial and QEMU stderr tails) and exit 125; Ctrl-C 130, "
+                       "SIGTERM 143.  Serial logs: <cache>/logs/.")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="cache for images, probe verdicts and logs (default: $NESTBED_CACHE or ~/.cache/nestbed)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log QEMU command lines; show full error details")
+    sub = p.add_subparsers(dest="command_name", required=True, parser_class=_Parser)
+
+    sp = sub.add_parser("probe", help="host facts and the accelerator each arch will use")
+    sp.add_argument("--json", action="store_true", help="print one JSON object")
+    sp.add_argument("--refresh", action="store_true", help="ignore the verdict cached for this host boot")
+    sp.set_defaults(func=cmd_probe)
+
+    ip = sub.add_parser("images", help="list or build images")
+    isub = ip.add_subparsers(dest="images_command", required=True, parser_class=_Parser)
+    lp = isub.add_parser("list", help="every known image, whether built, and its paths")
+    lp.add_argument("--json", action="store_true")
+    lp.set_defaults(func=cmd_images_list)
+    bp = isub.add_parser("build", help="build images into the cache (a cache hit returns at once)")
+    bp.add_argument("names", nargs="+", metavar="NAME")
+    bp.add_argument("--force", action="store_true", help="rebuild even if cached")
+    bp.set_defaults(func=cmd_images_build)
+
+    rp = sub.add_parser("run", help="boot IMAGE, run CMD in it, print its output, exit with its status")
+    rp.add_argument("image", metavar="IMAGE")
+    rp.add_argument("--accel", choices=[a.value for a in Accel], default="auto",
+                    help="accelerator (default auto: the probe's verdict)")
+    rp.add_argument("--via", choices=["serial"], default="serial", help="transport for the command")
+    rp.add_argument("--kernel", metavar="PATH", help="boot this kernel with the image's userland")
+    rp.add_argument("--vcpus", type=int, metavar="N")
+    rp.add_argument("--memory", type=int, metavar="MB")
+    rp.add_argument("--timeout", type=float, default=600.0, metavar="S", help="command timeout (default 600)")
+    rp.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD...")
+    rp.set_defaults(func=cmd_run)
+
+    bp2 = sub.add_parser("bench", help="benchmarks, side by side, medians; optionally write BENCHMARKS.md")
+    bp2.add_argument("--json", action="store_true")
+    bp2.add_argument("--runs", type=int, default=7, help="runs per measurement (default 7, at least 5)")
+    bp2.add_argument("--only", action="append", metavar="NAME", help="run only this benchmark (repeatable)")
+    bp2.add_argument("--write", metavar="FILE", help="write the results as Markdown to FILE")
+    bp2.set_defaults(func=cmd_bench)
+    return p
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(143)  # unwinds through every finally: guests shut down, run dirs removed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="nestbed: %(message)s")
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        paths.set_cache_dir(args.cache_dir)
+        rc: int = args.func(args)
+        return rc
+    except HarnessError as exc:
+        text = str(exc)
+        print(f"nestbed: error: {text if args.verbose else text.splitlines()[0]}", file=sys.stderr)
+        return EXIT_HARNESS
+    except KeyboardInterrupt:
+        print("nestbed: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

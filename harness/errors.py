@@ -1,0 +1,149 @@
+"""Every error the harness raises.
+
+The tree::
+
+    HarnessError
+    ├── UsageError                 bad argument or unknown name (CLI exit 125)
+    ├── RecipeError(file, key, reason)
+    ├── ImageBuildError            a build step failed; nothing was marked built
+    ├── ImageNotBuilt(name)
+    ├── MachineStateError          machine used in the wrong state (not running, ...)
+    ├── LaunchError                QEMU could not be started, or exited before it was usable
+    ├── GuestError                 the guest or its QEMU failed while we watched it
+    │   ├── GuestPanic             "Kernel panic" on the serial console
+    │   ├── QemuExited             QEMU exited unexpectedly (status, stderr tail)
+    │   │   └── QemuCrashed        QEMU aborted ("qemu: fatal: ...", signal); carries the dump
+    │   └── ConsoleTimeout(pattern) waited on the console in vain
+    ├── CommandTimedOut(command)   a guest command outlived its timeout
+    ├── CommandFailed(result)      ``check_output`` on a non-zero exit status
+    ├── TransportError             an SSH/serial transport broke
+    └── CapabilityMissing(feature, hint)
+
+Errors that come from a guest carry ``serial_tail`` and ``stderr_tail`` so that a
+failure message shows what the guest and QEMU last said.  The library never calls
+``sys.exit``; only :mod:`harness.cli` turns these into exit codes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from harness.transport import CommandResult
+
+TAIL_LINES = 25
+
+
+def tail(text: str, lines: int = TAIL_LINES) -> str:
+    """The last *lines* lines of *text*, stripped of NULs and trailing blanks."""
+    rows = text.replace("\x00", "").rstrip().splitlines()
+    return "\n".join(rows[-lines:])
+
+
+class HarnessError(Exception):
+    """Base of all nestbed errors."""
+
+
+class UsageError(HarnessError):
+    """A bad argument, an unknown image name, a malformed option."""
+
+
+class RecipeError(HarnessError):
+    def __init__(self, file: str, key: str, reason: str) -> None:
+        self.file, self.key, self.reason = file, key, reason
+        super().__init__(f"{file}: {key}: {reason}")
+
+
+class ImageBuildError(HarnessError):
+    """An image build step failed; the image is not marked built."""
+
+
+class ImageNotBuilt(HarnessError):
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"image {name!r} is not built (run: nestbed images build {name})")
+
+
+class MachineStateError(HarnessError):
+    """The machine is not in a state that allows this operation."""
+
+
+class _WithTails(HarnessError):
+    """An error that shows the last serial and stderr lines."""
+
+    def __init__(self, message: str, *, serial_tail: str = "", stderr_tail: str = "",
+                 level: int | None = None) -> None:
+        self.message = message
+        self.serial_tail = serial_tail
+        self.stderr_tail = stderr_tail
+        self.level = level
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        parts = [self.message if self.level is None else f"level {self.level}: {self.message}"]
+        if self.stderr_tail:
+            parts.append("--- QEMU stderr (tail) ---\n" + tail(self.stderr_tail))
+        if self.serial_tail:
+            parts.append("--- serial console (tail) ---\n" + tail(self.serial_tail))
+        return "\n".join(parts)
+
+    @property
+    def headline(self) -> str:
+        """The first line of the message: what the CLI prints."""
+        return str(self).splitlines()[0]
+
+
+class LaunchError(_WithTails):
+    """QEMU could not be started."""
+
+
+class GuestError(_WithTails):
+    """The guest or its QEMU failed while the harness waited on it."""
+
+
+class GuestPanic(GuestError):
+    """The guest kernel panicked."""
+
+
+class QemuExited(GuestError):
+    def __init__(self, message: str, *, returncode: int | None, **kw: object) -> None:
+        self.returncode = returncode
+        super().__init__(message, **kw)  # type: ignore[arg-type]
+
+
+class QemuCrashed(QemuExited):
+    """QEMU itself aborted (``qemu: fatal: ...``, a signal); ``dump`` holds its stderr."""
+
+    @property
+    def dump(self) -> str:
+        return self.stderr_tail
+
+
+class ConsoleTimeout(GuestError):
+    def __init__(self, pattern: str, timeout: float, **kw: object) -> None:
+        self.pattern, self.timeout = pattern, timeout
+        super().__init__(f"no {pattern} on the serial console within {timeout:g} s", **kw)  # type: ignore[arg-type]
+
+
+class CommandTimedOut(GuestError):
+    def __init__(self, command: str, timeout: float, **kw: object) -> None:
+        self.command, self.timeout = command, timeout
+        super().__init__(f"command {command!r} did not finish within {timeout:g} s", **kw)  # type: ignore[arg-type]
+
+
+class CommandFailed(HarnessError):
+    def __init__(self, result: CommandResult) -> None:
+        self.result = result
+        super().__init__(
+            f"command {result.command!r} exited {result.exit_status}: {tail(result.stderr or result.stdout, 5)}"
+        )
+
+
+class TransportError(HarnessError):
+    """A transport (serial, SSH) is broken or refused."""
+
+
+class CapabilityMissing(HarnessError):
+    def __init__(self, feature: str, hint: str = "") -> None:
+        self.feature, self.hint = feature, hint
+        super().__init__(f"{feature} is not available" + (f": {hint}" if hint else ""))

@@ -1,0 +1,146 @@
+"""A booted image: a :class:`Machine` plus the transports to reach it.
+
+::
+
+    with boot("tiny-x86_64") as g:
+        print(g.run("uname", "-m").stdout)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness import images
+from harness.errors import HarnessError, UsageError
+from harness.images import Image
+from harness.machine import Machine
+from harness.recipes import Kind
+from harness.spec import Accel, MachineSpec
+from harness.transport import DEFAULT_TIMEOUT, CommandResult, SerialTransport, Transport
+
+GUEST_POWEROFF_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class BootOptions:
+    """What a caller may change about how an image boots."""
+
+    accel: Accel = Accel.AUTO
+    vcpus: int | None = None
+    memory_mb: int | None = None
+    cpu: str | None = None
+    cpu_flags: tuple[str, ...] = ()
+    tcg_threads: str | None = None
+    kernel: Path | None = None  # boot this kernel with the image's userland
+    append: str = ""  # extra kernel command line
+    extra_args: tuple[str, ...] = ()
+    ready_timeout: float | None = None
+
+
+def resolve_accel(accel: Accel, image: Image) -> tuple[Accel, str]:
+    """The accelerator to use and why."""
+    if accel is not Accel.AUTO:
+        return accel, f"requested {accel.value}"
+    from harness import probe
+
+    verdict = probe.accel_verdict(image.recipe.arch)
+    return Accel(verdict["chosen"]), verdict["reason"]
+
+
+def spec_for(image: Image, opts: BootOptions, token: str) -> MachineSpec:
+    """The machine spec that boots *image* (built) with *opts* applied."""
+    r = image.recipe
+    kernel = opts.kernel or image.kernel
+    if opts.kernel is not None and not Path(opts.kernel).is_file():
+        raise UsageError(f"--kernel {opts.kernel}: no such file")
+    append = ["console=ttyS0", "panic=-1", f"nestbed.token={token}"]
+    if r.kind is Kind.TINY:
+        append.append("rdinit=/init")
+    append += image.manifest.get("append", [])
+    if opts.append:
+        append.append(opts.append)
+    accel = opts.accel
+    return MachineSpec(
+        arch=r.arch, accel=accel, cpu=opts.cpu, cpu_flags=opts.cpu_flags, tcg_threads=opts.tcg_threads,
+        memory_mb=opts.memory_mb or r.memory_mb, vcpus=opts.vcpus or r.vcpus,
+        kernel=kernel, initrd=image.initrd, append=" ".join(append),
+        extra_args=opts.extra_args, name=r.name,
+    )
+
+
+class Guest:
+    """A running guest booted from an image, reachable through ``transport``."""
+
+    def __init__(self, image: Image, machine: Machine, *, accel_reason: str = "") -> None:
+        self.image = image
+        self.machine = machine
+        self.accel_reason = accel_reason
+        self.serial = SerialTransport(machine)
+        self.transport: Transport = self.serial
+        self.ready_seconds: float | None = None
+
+    @property
+    def accel(self) -> Accel:
+        return self.machine.spec.accel
+
+    def wait_ready(self, timeout: float) -> float:
+        """Wait for init's ready marker; returns seconds since launch."""
+        self.machine.expect(rf"nestbed-ready-{self.machine.token}\n", timeout=timeout, what="ready marker from the guest's init")
+        self.ready_seconds = self.machine.uptime
+        return self.ready_seconds
+
+    def run(self, cmd: str, *args: str, timeout: float = DEFAULT_TIMEOUT) -> CommandResult:
+        return self.transport.run(cmd, *args, timeout=timeout)
+
+    def check_output(self, cmd: str, *args: str, timeout: float = DEFAULT_TIMEOUT) -> str:
+        return self.serial.check_output(cmd, *args, timeout=timeout) if self.transport is self.serial \
+            else self.transport.check_output(cmd, *args, timeout=timeout)  # type: ignore[attr-defined]
+
+    def poweroff(self) -> int | None:
+        """Power off from inside (nestbed's init has no ACPI daemon), then make sure."""
+        m = self.machine
+        if m.proc is not None and m.proc.poll() is None and not self.serial.broken:
+            with contextlib.suppress(HarnessError, OSError):
+                m.send("sync; poweroff -f\n")
+                if m.wait(GUEST_POWEROFF_TIMEOUT) is not None:
+                    return m.shutdown()
+        return m.shutdown(powerdown_timeout=5.0)
+
+
+@contextlib.contextmanager
+def boot(image: str | Image, *, options: BootOptions | None = None, log_dir: Path | None = None,
+         build: bool = True, qmp: bool = True) -> Iterator[Guest]:
+    """Boot *image* and yield a ready :class:`Guest`; always powers it off."""
+    opts = options or BootOptions()
+    img = images.get_image(image) if isinstance(image, str) else image
+    if not img.built:
+        if not build:
+            from harness.errors import ImageNotBuilt
+            raise ImageNotBuilt(img.name)
+        img = images.build(img)
+    accel, reason = resolve_accel(opts.accel, img)
+    opts_resolved = BootOptions(**{**opts.__dict__, "accel": accel})
+    token = secrets.token_hex(6)
+    machine = Machine(spec_for(img, opts_resolved, token), log_dir=log_dir, token=token, qmp=qmp)
+    guest = Guest(img, machine, accel_reason=reason)
+    machine.launch()
+    try:
+        guest.wait_ready(opts.ready_timeout or img.recipe.ready_timeout)
+    except BaseException:
+        machine.kill()  # never became usable: nothing to shut down gracefully
+        raise
+    try:
+        yield guest
+    finally:
+        guest.poweroff()
+
+
+def describe(guest: Guest) -> dict[str, Any]:
+    return {"image": guest.image.name, "accel": guest.accel.value, "accel_reason": guest.accel_reason,
+            "ready_seconds": guest.ready_seconds, "serial_log": str(guest.machine.serial_log_path)}
+

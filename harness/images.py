@@ -1,0 +1,208 @@
+"""Building and finding images in the cache.
+
+An image lives in ``<cache>/images/<name>-<digest>/`` where the digest hashes the
+recipe.  ``manifest.json`` is written last, after everything else is in place, and
+the directory is renamed into place from a private build directory: an interrupted or
+failed build never leaves anything that looks built.  A file lock per image makes two
+concurrent builders (pytest-xdist workers) build it once.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+
+from harness import aptsources, paths
+from harness.errors import ImageBuildError, ImageNotBuilt
+from harness.recipes import Kind, Recipe, all_recipes, find_recipe
+
+BUILDER_VERSION = 1  # bump when a builder's output changes for the same recipe
+MMDEBSTRAP_TIMEOUT = 1800.0
+LOCK_TIMEOUT = 3600.0
+
+Progress = Callable[[str], None]
+
+
+def _stderr_progress(msg: str) -> None:
+    print(f"nestbed: {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Image:
+    recipe: Recipe
+    dir: Path
+
+    @property
+    def name(self) -> str:
+        return self.recipe.name
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.dir / "manifest.json"
+
+    @property
+    def built(self) -> bool:
+        return self.manifest_path.is_file()
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        if not self.built:
+            raise ImageNotBuilt(self.name)
+        data: dict[str, Any] = json.loads(self.manifest_path.read_text())
+        return data
+
+    def path(self, key: str) -> Path | None:
+        """An artifact path from the manifest ("kernel", "initrd", "disk", ...)."""
+        rel = self.manifest.get("files", {}).get(key)
+        return self.dir / rel if rel else None
+
+    @property
+    def kernel(self) -> Path:
+        p = self.path("kernel")
+        assert p is not None
+        return p
+
+    @property
+    def initrd(self) -> Path | None:
+        return self.path("initrd")
+
+    @property
+    def disk(self) -> Path | None:
+        return self.path("disk")
+
+    def describe(self) -> dict[str, Any]:
+        built = self.built
+        return {
+            "name": self.name, "kind": self.recipe.kind.value, "arch": self.recipe.arch.value,
+            "built": built, "dir": str(self.dir),
+            "kernel": str(self.kernel) if built else None,
+            "initrd": str(self.initrd) if built and self.initrd else None,
+            "disk": str(self.disk) if built and self.disk else None,
+            "description": self.recipe.description,
+        }
+
+
+def image_for(recipe: Recipe) -> Image:
+    digest = f"{recipe.digest()}{BUILDER_VERSION}"
+    return Image(recipe, paths.image_root() / f"{recipe.name}-{digest}")
+
+
+def get_image(name: str) -> Image:
+    return image_for(find_recipe(name))
+
+
+def list_images() -> list[Image]:
+    return [image_for(r) for r in all_recipes().values()]
+
+
+def run_step(argv: list[str], *, timeout: float, what: str, cwd: Path | None = None,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run one build step with a timeout; a failure is an ImageBuildError with stderr's tail."""
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                              env=env, stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        raise ImageBuildError(f"{what}: {argv[0]} not found (run: make setup)") from None
+    except subprocess.TimeoutExpired:
+        raise ImageBuildError(f"{what}: {argv[0]} did not finish within {timeout:g} s") from None
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+        raise ImageBuildError(f"{what}: {argv[0]} exited {proc.returncode}\n{tail}")
+    return proc
+
+
+def mmdebstrap(recipe: Recipe, target: Path, *, variant: str, include: list[str], work: Path,
+               extra: list[str] | None = None) -> None:
+    sources = aptsources.write_sources(work / "sources.sources", recipe.suites)
+    argv = ["mmdebstrap", f"--variant={variant}", f"--architectures={recipe.arch.debian}",
+            f"--include={','.join(include)}", "--skip=cleanup/apt/cache", "--quiet",
+            *(extra or []), recipe.suite, str(target), str(sources)]
+    run_step(argv, timeout=MMDEBSTRAP_TIMEOUT, what=f"mmdebstrap ({recipe.name})")
+
+
+def resolved_versions(root: Path) -> dict[str, str]:
+    """Package → version of every .deb apt fetched for *root*."""
+    out = {}
+    for deb in glob.glob(str(root / "var/cache/apt/archives/*.deb")):
+        name, version, _arch = Path(deb).stem.split("_")
+        out[name] = urllib.parse.unquote(version)
+    return dict(sorted(out.items()))
+
+
+# -- builders: a registry by recipe kind ---------------------------------------------------
+
+Builder = Callable[[Recipe, Path, Progress], dict[str, Any]]
+BUILDERS: dict[Kind, Builder] = {}
+
+
+def builder(kind: Kind) -> Callable[[Builder], Builder]:
+    def register(fn: Builder) -> Builder:
+        BUILDERS[kind] = fn
+        return fn
+    return register
+
+
+def build(name_or_image: str | Image, *, progress: Progress | None = None, force: bool = False) -> Image:
+    """Build an image unless the cache already has it; returns the built :class:`Image`."""
+    image = get_image(name_or_image) if isinstance(name_or_image, str) else name_or_image
+    say = progress or _stderr_progress
+    if image.built and not force:
+        return image
+    lock = FileLock(str(paths.image_root() / f".{image.name}.lock"))
+    try:
+        lock.acquire(timeout=LOCK_TIMEOUT)
+    except Timeout:
+        raise ImageBuildError(f"{image.name}: another build held the lock for {LOCK_TIMEOUT:g} s") from None
+    try:
+        if image.built and not force:  # another process built it while we waited
+            return image
+        work = image.dir.parent / f".build-{image.dir.name}-{os.getpid()}"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(mode=0o700)
+        started = time.monotonic()
+        try:
+            say(f"building {image.name} ({image.recipe.kind.value}, {image.recipe.arch.value})")
+            files = BUILDERS[image.recipe.kind](image.recipe, work, say)
+            manifest = {
+                "name": image.name, "recipe": str(image.recipe.file), "digest": image.recipe.digest(),
+                "builder_version": BUILDER_VERSION, "arch": image.recipe.arch.value,
+                "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "build_seconds": round(time.monotonic() - started, 1), **files,
+            }
+            shutil.rmtree(image.dir, ignore_errors=True)
+            work.rename(image.dir)
+            # The marker goes last: only a complete directory ever has it.
+            tmp = image.dir / "manifest.json.tmp"
+            tmp.write_text(json.dumps(manifest, indent=2))
+            tmp.rename(image.manifest_path)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        _remove_stale(image)
+        say(f"built {image.name} in {time.monotonic() - started:.1f} s: {image.dir}")
+        return image
+    finally:
+        lock.release()
+
+
+def _remove_stale(image: Image) -> None:
+    """Drop earlier builds of the same image name (other recipe digests)."""
+    for other in image.dir.parent.glob(f"{image.name}-*"):
+        if other != image.dir and other.is_dir() and len(other.name) == len(image.dir.name):
+            shutil.rmtree(other, ignore_errors=True)
+
+
+# The tiny builder lives in its own module; importing it registers it.
+from harness import tiny as _tiny  # noqa: E402,F401

@@ -1,0 +1,359 @@
+"""One QEMU process: launch, console, QMP, graceful-then-hard shutdown.
+
+No QEMU outlives the harness:
+
+* ``with Machine(...)`` always shuts down (powerdown → QMP quit → kill, each bounded);
+* QEMU is started with ``PR_SET_PDEATHSIG=SIGKILL``, so it dies with the harness
+  process even when that is SIGKILLed;
+* each launch owns a run directory (0700) holding the owner's PID and QEMU's pidfile;
+  :func:`sweep_stale_runs` (called at every launch) kills QEMUs whose owner is gone
+  and removes their directories.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import enum
+import logging
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import IO, Any
+
+import pexpect
+
+from harness import paths
+from harness.console import SocketSpawn, open_log
+from harness.errors import (
+    ConsoleTimeout,
+    GuestPanic,
+    LaunchError,
+    MachineStateError,
+    QemuCrashed,
+    QemuExited,
+)
+from harness.spec import Chardev, Endpoints, MachineSpec, build_argv, resolve_ports, unallocated_forwards
+
+log = logging.getLogger(__name__)
+
+PANIC_RE = r"Kernel panic - not syncing[^\n]*"
+QMP_TIMEOUT = 10.0
+POWERDOWN_TIMEOUT = 20.0
+QUIT_TIMEOUT = 5.0
+KILL_TIMEOUT = 5.0
+PR_SET_PDEATHSIG = 1
+
+
+class Runstate(enum.Enum):
+    IDLE = "idle"
+    RUNNING = "running"
+    SHUTDOWN = "shutdown"
+
+
+def _set_pdeathsig() -> None:  # runs in the child between fork and exec
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    # The parent may have died between fork and prctl.
+    if os.getppid() == 1:
+        os._exit(1)
+
+
+def free_ports(count: int) -> list[int]:
+    """*count* currently free loopback TCP ports."""
+    socks, ports = [], []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_runs(run_root: Path | None = None) -> list[int]:
+    """Kill QEMUs left by dead harness processes and remove their run directories.
+
+    Returns the PIDs killed.  A QEMU is only killed when its command line names the
+    stale run directory, so a recycled PID is never hit.
+    """
+    root = run_root or paths.run_root()
+    killed: list[int] = []
+    if not root.is_dir():
+        return killed
+    for run in root.iterdir():
+        try:
+            owner = int((run / "owner").read_text())
+        except (OSError, ValueError):
+            # Half-created directory: only reap it once it is clearly old.
+            if time.time() - run.stat().st_mtime < 60:
+                continue
+            owner = 0
+        if owner and _pid_alive(owner):
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            qpid = int((run / "qemu.pid").read_text())
+            cmdline = Path(f"/proc/{qpid}/cmdline").read_bytes()
+            if str(run).encode() in cmdline:
+                os.kill(qpid, signal.SIGKILL)
+                killed.append(qpid)
+        shutil.rmtree(run, ignore_errors=True)
+    return killed
+
+
+class Machine:
+    """A QEMU process and its serial console and QMP connection.
+
+    ::
+
+        with Machine(spec, log_dir=...) as m:
+            m.expect("login:", timeout=30)
+
+    Direct user configuration is the frozen ``spec``; everything else is run state.
+    """
+
+    def __init__(self, spec: MachineSpec, *, log_dir: Path | None = None, level: int = 1,
+                 qmp: bool = True, token: str | None = None) -> None:
+        self.spec = spec
+        self.level = level
+        self.use_qmp = qmp
+        self.log_dir = log_dir
+        self.token = token or secrets.token_hex(6)
+        # run state
+        self.runstate = Runstate.IDLE
+        self.run_dir: Path | None = None
+        self.argv: list[str] = []
+        self.resolved: MachineSpec = spec
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.console: SocketSpawn | None = None
+        self.qmp: Any = None
+        self.serial_log_path: Path | None = None
+        self.stderr_path: Path | None = None
+        self._serial_log: IO[bytes] | None = None
+        self._launched_at = 0.0
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def __enter__(self) -> Machine:
+        self.launch()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def _require(self, *states: Runstate) -> None:
+        if self.runstate not in states:
+            raise MachineStateError(
+                f"machine {self.spec.name!r} is {self.runstate.value}; needs {'/'.join(s.value for s in states)}")
+
+    @property
+    def host_ports(self) -> dict[int, int]:
+        """guest port → host port of every forward."""
+        return {f.guest_port: f.host_port for nic in self.resolved.nics for f in nic.forwards}
+
+    def launch(self) -> None:
+        self._require(Runstate.IDLE)
+        sweep_stale_runs()
+        self.run_dir = paths.new_run_dir(self.spec.name)
+        try:
+            self._launch()
+        except BaseException:
+            self._teardown()
+            raise
+
+    def _launch(self) -> None:
+        assert self.run_dir is not None
+        if self.log_dir is None:
+            self.log_dir = paths.new_log_dir(self.spec.name)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.serial_log_path = self.log_dir / f"{self.spec.name}-serial.log"
+        self.stderr_path = self.log_dir / f"{self.spec.name}-qemu.stderr"
+        self.resolved = resolve_ports(self.spec, free_ports(unallocated_forwards(self.spec)))
+
+        ser_ours, ser_qemu = socket.socketpair()
+        qmp_ours = qmp_qemu = None
+        if self.use_qmp:
+            qmp_ours, qmp_qemu = socket.socketpair()
+        try:
+            endpoints = Endpoints(
+                serial=Chardev(fd=ser_qemu.fileno()),
+                qmp=Chardev(fd=qmp_qemu.fileno()) if qmp_qemu else None,
+                pidfile=self.run_dir / "qemu.pid",
+            )
+            self.argv = build_argv(self.resolved, endpoints)
+            binary = shutil.which(self.argv[0])
+            if binary is None:
+                raise LaunchError(f"{self.argv[0]} not found on PATH (run: make setup)", level=self.level)
+            self._serial_log = open_log(self.serial_log_path)
+            stderr = open(self.stderr_path, "wb")  # noqa: SIM115
+            log.info("launching %s", " ".join(self.argv))
+            self._launched_at = time.monotonic()
+            try:
+                self.proc = subprocess.Popen(
+                    self.argv, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
+                    pass_fds=[s.fileno() for s in (ser_qemu, qmp_qemu) if s is not None],
+                    preexec_fn=_set_pdeathsig, close_fds=True,
+                )
+            finally:
+                stderr.close()
+            (self.run_dir / "owner").write_text(str(os.getpid()))
+        finally:
+            ser_qemu.close()
+            if qmp_qemu is not None:
+                qmp_qemu.close()
+        self.console = SocketSpawn(ser_ours, self._serial_log)
+        self.runstate = Runstate.RUNNING
+        if qmp_ours is not None:
+            self._connect_qmp(qmp_ours)
+
+    def _connect_qmp(self, sock: socket.socket) -> None:
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+
+        self.qmp = QEMUMonitorProtocol(sock, nickname=self.spec.name)
+        try:
+            self.qmp.settimeout(QMP_TIMEOUT)
+            self.qmp.connect()
+        except Exception as exc:
+            self._raise_exited(f"QMP handshake failed: {exc}", cause=exc)
+
+    @property
+    def uptime(self) -> float:
+        return time.monotonic() - self._launched_at
+
+    # -- diagnostics ---------------------------------------------------------------------
+
+    def serial_tail(self) -> str:
+        return self.console.tail() if self.console else ""
+
+    def stderr_text(self) -> str:
+        if self.stderr_path and self.stderr_path.exists():
+            return self.stderr_path.read_bytes().decode("utf-8", "replace")
+        return ""
+
+    def _raise_exited(self, why: str, cause: BaseException | None = None) -> None:
+        """Raise the typed error for a QEMU that is gone (or going)."""
+        rc = None
+        if self.proc is not None:
+            try:
+                rc = self.proc.wait(timeout=KILL_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                rc = None
+        stderr = self.stderr_text()
+        kw: dict[str, Any] = dict(serial_tail=self.serial_tail(), stderr_tail=stderr, level=self.level)
+        if "qemu: fatal:" in stderr or (rc is not None and rc < 0):
+            first = next((ln for ln in stderr.splitlines() if "qemu: fatal:" in ln), "")
+            sig = f"killed by signal {-rc}" if rc is not None and rc < 0 else f"exit status {rc}"
+            raise QemuCrashed(f"QEMU crashed ({sig}) {first}".strip(), returncode=rc, **kw) from cause
+        raise QemuExited(f"QEMU exited unexpectedly (exit status {rc}): {why}", returncode=rc, **kw) from cause
+
+    # -- console -------------------------------------------------------------------------
+
+    def expect(self, pattern: str, *, timeout: float, what: str | None = None) -> re.Match[str]:
+        """Wait for regex *pattern* on the serial console.
+
+        Raises :class:`GuestPanic` as soon as the kernel panics, :class:`QemuExited` /
+        :class:`QemuCrashed` as soon as QEMU is gone, :class:`ConsoleTimeout` otherwise.
+        """
+        self._require(Runstate.RUNNING)
+        assert self.console is not None
+        idx = self.console.expect([pattern, PANIC_RE, pexpect.EOF, pexpect.TIMEOUT], timeout=timeout)
+        if idx == 0:
+            match: re.Match[str] = self.console.match
+            return match
+        if idx == 1:
+            headline = self.console.match.group(0).strip()
+            # Give the panic's backtrace a moment to arrive so the error shows it.
+            with contextlib.suppress(pexpect.TIMEOUT, pexpect.EOF):
+                self.console.expect([r"end Kernel panic[^\n]*", pexpect.EOF], timeout=2)
+            raise GuestPanic(f"guest kernel panicked: {headline}",
+                             serial_tail=self.serial_tail(), stderr_tail=self.stderr_text(), level=self.level)
+        if idx == 2 or (self.proc is not None and self.proc.poll() is not None):
+            self._raise_exited(f"while waiting for {what or repr(pattern)}")
+        raise ConsoleTimeout(what or repr(pattern), timeout, serial_tail=self.serial_tail(),
+                             stderr_tail=self.stderr_text(), level=self.level)
+
+    def send(self, text: str) -> None:
+        self._require(Runstate.RUNNING)
+        assert self.console is not None
+        try:
+            self.console.send(text)
+        except OSError as exc:
+            self._raise_exited(f"serial console write failed: {exc}", cause=exc)
+
+    # -- shutdown ------------------------------------------------------------------------
+
+    def wait(self, timeout: float) -> int | None:
+        """Wait for QEMU to exit on its own; its status, or None on timeout."""
+        if self.proc is None:
+            return None
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def shutdown(self, *, powerdown_timeout: float = POWERDOWN_TIMEOUT) -> int | None:
+        """Stop QEMU: ACPI powerdown, then QMP quit, then SIGKILL; each step bounded.
+
+        Idempotent; always releases the console, QMP and run directory.
+        """
+        if self.runstate is Runstate.IDLE and self.proc is None:
+            return None
+        rc = None
+        try:
+            if self.proc is not None and self.proc.poll() is None and self.qmp is not None:
+                with contextlib.suppress(Exception):
+                    self.qmp.cmd("system_powerdown")
+                    rc = self.wait(powerdown_timeout)
+                if rc is None and self.proc.poll() is None:
+                    with contextlib.suppress(Exception):
+                        self.qmp.cmd("quit")
+                    rc = self.wait(QUIT_TIMEOUT)
+        finally:
+            rc = self._teardown()
+        return rc
+
+    def kill(self) -> int | None:
+        """Hard stop, no questions asked."""
+        return self._teardown()
+
+    def _teardown(self) -> int | None:
+        rc = None
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            try:
+                rc = self.proc.wait(timeout=KILL_TIMEOUT)
+            except subprocess.TimeoutExpired:  # pragma: no cover - D state
+                log.error("QEMU pid %d did not die after SIGKILL", self.proc.pid)
+        if self.qmp is not None:
+            with contextlib.suppress(Exception):
+                self.qmp.close()
+            self.qmp = None
+        if self.console is not None:
+            self.console.close()
+        if self._serial_log is not None:
+            self._serial_log.close()
+            self._serial_log = None
+        if self.run_dir is not None:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        self.runstate = Runstate.SHUTDOWN
+        return rc

@@ -1,0 +1,64 @@
+"""Where nestbed keeps things: the cache (images, probe verdicts), run and log directories.
+
+The cache root is ``--cache-dir`` / ``$NESTBED_CACHE`` / ``$XDG_CACHE_HOME/nestbed`` /
+``~/.cache/nestbed``, in that order.  Run directories are 0700: they hold sockets,
+pidfiles and keys.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from pathlib import Path
+
+_override: Path | None = None
+
+
+def set_cache_dir(path: Path | str | None) -> None:
+    """Override the cache root for this process (the CLI's and plugin's ``--cache-dir``)."""
+    global _override
+    _override = Path(path).expanduser().resolve() if path else None
+
+
+def cache_root() -> Path:
+    if _override is not None:
+        root = _override
+    elif os.environ.get("NESTBED_CACHE"):
+        root = Path(os.environ["NESTBED_CACHE"]).expanduser()
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        root = Path(base) / "nestbed"
+    return private_dir(root)
+
+
+def private_dir(path: Path) -> Path:
+    """Create *path* (and parents) and make it 0700."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def run_root() -> Path:
+    return private_dir(cache_root() / "run")
+
+
+def new_run_dir(name: str) -> Path:
+    path = run_root() / f"{name}-{os.getpid()}-{secrets.token_hex(4)}"
+    path.mkdir(mode=0o700)
+    return path
+
+
+def log_root() -> Path:
+    return private_dir(cache_root() / "logs")
+
+
+def new_log_dir(name: str) -> Path:
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    path = log_root() / f"{stamp}-{name}-{secrets.token_hex(3)}"
+    path.mkdir(parents=True)
+    return path
+
+
+def image_root() -> Path:
+    return private_dir(cache_root() / "images")
