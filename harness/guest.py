@@ -20,7 +20,7 @@ from harness.errors import HarnessError, UsageError
 from harness.images import Image
 from harness.machine import Machine
 from harness.recipes import Kind
-from harness.spec import Accel, MachineSpec
+from harness.spec import Accel, DiskFormat, Drive, Forward, MachineSpec, Nic
 from harness.transport import DEFAULT_TIMEOUT, CommandResult, SerialTransport, Transport
 
 GUEST_POWEROFF_TIMEOUT = 10.0
@@ -64,11 +64,16 @@ def spec_for(image: Image, opts: BootOptions, token: str) -> MachineSpec:
     append += image.manifest.get("append", [])
     if opts.append:
         append.append(opts.append)
+    drives: tuple[Drive, ...] = ()
+    if image.disk is not None:
+        # snapshot=on: writes go to a throw-away overlay, the cached image stays pristine.
+        drives = (Drive(image.disk, DiskFormat.QCOW2, snapshot=True, serial="nestbed-root"),)
     accel = opts.accel
     return MachineSpec(
         arch=r.arch, accel=accel, cpu=opts.cpu, cpu_flags=opts.cpu_flags, tcg_threads=opts.tcg_threads,
         memory_mb=opts.memory_mb or r.memory_mb, vcpus=opts.vcpus or r.vcpus,
         kernel=kernel, initrd=image.initrd, append=" ".join(append),
+        drives=drives, nics=(Nic(forwards=(Forward(22),)),) if image.disk is not None else (),
         extra_args=opts.extra_args, name=r.name,
     )
 

@@ -1,0 +1,71 @@
+"""Shared test helpers, and the leak check: no QEMU started by the tests may survive them."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness import paths
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def qemu_pids_under(run_root: Path, owners: set[int] | None = None) -> list[int]:
+    """PIDs of live QEMU processes whose command line names a run directory under *run_root*.
+
+    With *owners*, only QEMUs whose run directory belongs to one of those PIDs, or to a
+    harness process that is gone (an orphan), count.
+    """
+    found = []
+    needle = str(run_root).encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if not (cmdline.startswith(b"qemu-system") and needle in cmdline and ") Z " not in stat):
+            continue
+        if owners is not None:
+            m = re.search(rb"/run/[^/\0]*-(\d+)-[0-9a-f]+/qemu\.pid", cmdline)
+            owner = int(m.group(1)) if m else 0
+            if owner not in owners and Path(f"/proc/{owner}").exists():
+                continue  # someone else's live harness
+        found.append(int(entry.name))
+    return found
+
+
+def nestbed(*args: str, timeout: float = 300, **kw: object) -> subprocess.CompletedProcess[str]:
+    """Run the nestbed CLI as a user would (a separate process)."""
+    return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, **kw)  # type: ignore[call-overload]
+
+
+@pytest.fixture(scope="session")
+def tiny_images() -> None:
+    """Build both tiny images once (a cache hit after the first run on a machine)."""
+    from harness import images
+
+    for name in ("tiny-x86_64", "tiny-i386"):
+        images.build(name)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if hasattr(session.config, "workerinput"):
+        return  # xdist workers: the controller checks once all of them are done
+    leaked = qemu_pids_under(paths.run_root(), owners={os.getpid()})
+    if leaked:
+        for pid in leaked:
+            try:
+                os.kill(pid, 9)
+            except OSError:
+                pass
+        session.exitstatus = 1
+        print(f"\nFAILED: QEMU processes outlived the tests (killed now): {leaked}", file=sys.stderr)
