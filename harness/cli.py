@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 from harness import paths
 from harness.errors import HarnessError, UsageError
 from harness.spec import Accel
+from harness.transport import Via
 
 EXIT_HARNESS = 125
 
@@ -86,7 +87,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("run: no command given (usage: nestbed run IMAGE -- CMD...)")
     opts = BootOptions(accel=Accel(args.accel), vcpus=args.vcpus, memory_mb=args.memory,
                        kernel=Path(args.kernel) if args.kernel else None)
-    with boot(args.image, options=opts) as guest:
+    with boot(args.image, options=opts, via=args.via) as guest:
         result = guest.run(command[0], *command[1:], timeout=args.timeout)
     sys.stdout.write(result.stdout)
     sys.stderr.write(result.stderr)
@@ -137,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("image", metavar="IMAGE")
     rp.add_argument("--accel", choices=[a.value for a in Accel], default="auto",
                     help="accelerator (default auto: the probe's verdict)")
-    rp.add_argument("--via", choices=["serial"], default="serial", help="transport for the command")
+    rp.add_argument("--via", choices=[v.value for v in Via], default="serial",
+                    help="transport for the command (ssh: images with an SSH server)")
     rp.add_argument("--kernel", metavar="PATH", help="boot this kernel with the image's userland")
     rp.add_argument("--vcpus", type=int, metavar="N")
     rp.add_argument("--memory", type=int, metavar="MB")

@@ -22,7 +22,7 @@ READ_CHUNK = 65536
 TAIL_BYTES = 16384
 
 
-class SocketSpawn(SpawnBase):  # type: ignore[misc]
+class SocketSpawn(SpawnBase):
     """A pexpect spawn over a connected socket, fed by a draining thread."""
 
     def __init__(self, sock: socket.socket, logfile: IO[bytes], *, timeout: float = 30.0) -> None:

@@ -13,15 +13,18 @@ import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harness import images
-from harness.errors import HarnessError, UsageError
+from harness.errors import CapabilityMissing, HarnessError, UsageError
 from harness.images import Image
 from harness.machine import Machine
 from harness.recipes import Kind
 from harness.spec import Accel, DiskFormat, Drive, Forward, MachineSpec, Nic
-from harness.transport import DEFAULT_TIMEOUT, CommandResult, SerialTransport, Transport
+from harness.transport import DEFAULT_TIMEOUT, CommandResult, SerialTransport, TransportBase, Via
+
+if TYPE_CHECKING:
+    from harness.ssh import SSHTransport
 
 GUEST_POWEROFF_TIMEOUT = 10.0
 
@@ -86,8 +89,34 @@ class Guest:
         self.machine = machine
         self.accel_reason = accel_reason
         self.serial = SerialTransport(machine)
-        self.transport: Transport = self.serial
+        self.transport: TransportBase = self.serial
         self.ready_seconds: float | None = None
+        self._ssh: SSHTransport | None = None
+        self._host: Any = None
+
+    def connect_ssh(self, *, timeout: float = 60.0) -> SSHTransport:
+        """SSH to the guest (key auth, host key pinned to the one recorded at build time)."""
+        from harness import keys
+        from harness.ssh import SSHTransport
+
+        if self._ssh is None:
+            host_key = self.image.manifest.get("host_keys", {}).get("ssh-ed25519")
+            if not host_key or 22 not in self.machine.host_ports:
+                raise CapabilityMissing("ssh", f"image {self.image.name} has no SSH server")
+            key_path, _ = keys.client_keypair()
+            self._ssh = SSHTransport(host="127.0.0.1", port=self.machine.host_ports[22], user="root",
+                                     key_path=key_path, host_key=host_key, timeout=timeout,
+                                     name=f"ssh:{self.image.name}")
+        return self._ssh
+
+    @property
+    def host(self) -> Any:
+        """A testinfra ``Host`` over this guest's transport."""
+        if self._host is None:
+            from harness.testinfra_backend import testinfra_host
+
+            self._host = testinfra_host(self.transport, self.image.name)
+        return self._host
 
     @property
     def accel(self) -> Accel:
@@ -103,12 +132,13 @@ class Guest:
         return self.transport.run(cmd, *args, timeout=timeout)
 
     def check_output(self, cmd: str, *args: str, timeout: float = DEFAULT_TIMEOUT) -> str:
-        return self.serial.check_output(cmd, *args, timeout=timeout) if self.transport is self.serial \
-            else self.transport.check_output(cmd, *args, timeout=timeout)  # type: ignore[attr-defined]
+        return self.transport.check_output(cmd, *args, timeout=timeout)
 
     def poweroff(self) -> int | None:
         """Power off from inside (nestbed's init has no ACPI daemon), then make sure."""
         m = self.machine
+        if self._ssh is not None:
+            self._ssh.close()
         if m.proc is not None and m.proc.poll() is None and not self.serial.broken:
             with contextlib.suppress(HarnessError, OSError):
                 m.send("sync; poweroff -f\n")
@@ -119,7 +149,7 @@ class Guest:
 
 @contextlib.contextmanager
 def boot(image: str | Image, *, options: BootOptions | None = None, log_dir: Path | None = None,
-         build: bool = True, qmp: bool = True) -> Iterator[Guest]:
+         build: bool = True, qmp: bool = True, via: Via | str = Via.SERIAL) -> Iterator[Guest]:
     """Boot *image* and yield a ready :class:`Guest`; always powers it off."""
     opts = options or BootOptions()
     img = images.get_image(image) if isinstance(image, str) else image
@@ -140,6 +170,8 @@ def boot(image: str | Image, *, options: BootOptions | None = None, log_dir: Pat
         machine.kill()  # never became usable: nothing to shut down gracefully
         raise
     try:
+        if Via(via) is Via.SSH:
+            guest.transport = guest.connect_ssh()
         yield guest
     finally:
         guest.poweroff()

@@ -93,7 +93,7 @@ def _enum(file: str, key: str, value: str, cls: type[enum.StrEnum]) -> Any:
     try:
         return cls(value)
     except ValueError:
-        choices = ", ".join(m.value for m in cls)  # type: ignore[attr-defined]
+        choices = ", ".join(m.value for m in cls)
         raise RecipeError(file, key, f"{value!r} is not one of {choices}") from None
 
 

@@ -7,6 +7,7 @@ and ``close``.  Arguments are quoted in exactly one place, :func:`quote_command`
 from __future__ import annotations
 
 import base64
+import enum
 import hashlib
 import re
 import secrets
@@ -23,6 +24,13 @@ if TYPE_CHECKING:
 
 DEFAULT_TIMEOUT = 60.0
 _B64_LINE = re.compile(r"^[A-Za-z0-9+/=]+$")
+
+
+class Via(enum.StrEnum):
+    """How commands reach a guest."""
+
+    SERIAL = "serial"
+    SSH = "ssh"
 
 
 @dataclass(frozen=True)

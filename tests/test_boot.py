@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, nestbed, qemu_pids_under
+
 from harness import paths
 from harness.errors import GuestPanic, MachineStateError, QemuCrashed, TransportError
 from harness.guest import BootOptions, boot
