@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from harness import images
 from harness.errors import CapabilityMissing, HarnessError, UsageError
 from harness.images import Image
-from harness.machine import Machine
+from harness.machine import Machine, Runstate
 from harness.recipes import Kind
 from harness.spec import Accel, DiskFormat, Drive, Forward, MachineSpec, Nic
 from harness.transport import DEFAULT_TIMEOUT, CommandResult, SerialTransport, TransportBase, Via
@@ -139,7 +139,7 @@ class Guest:
         m = self.machine
         if self._ssh is not None:
             self._ssh.close()
-        if m.proc is not None and m.proc.poll() is None and not self.serial.broken:
+        if m.runstate is Runstate.RUNNING and m.poll() is None and not self.serial.broken:
             with contextlib.suppress(HarnessError, OSError):
                 m.send("sync; poweroff -f\n")
                 if m.wait(GUEST_POWEROFF_TIMEOUT) is not None:

@@ -25,7 +25,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 import pexpect
 
@@ -172,23 +172,28 @@ class Machine:
 
     def launch(self) -> None:
         self._require(Runstate.IDLE)
-        sweep_stale_runs()
-        self.run_dir = paths.new_run_dir(self.spec.name)
         try:
+            self._prepare()
             self._launch()
         except BaseException:
             self._teardown()
             raise
 
-    def _launch(self) -> None:
-        assert self.run_dir is not None
+    def _prepare(self) -> None:
+        """Run and log directories (L0 side, for every level)."""
+        sweep_stale_runs()
+        self.run_dir = paths.new_run_dir(self.spec.name)
         if self.log_dir is None:
             self.log_dir = paths.new_log_dir(self.spec.name)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.serial_log_path = self.log_dir / f"{self.spec.name}-serial.log"
         self.stderr_path = self.log_dir / f"{self.spec.name}-qemu.stderr"
-        self.resolved = resolve_ports(self.spec, free_ports(unallocated_forwards(self.spec)))
+        self._serial_log = open_log(self.serial_log_path)
 
+    def _launch(self) -> None:
+        """Start QEMU on this host with socketpairs for serial and QMP."""
+        assert self.run_dir is not None and self.stderr_path is not None
+        self.resolved = resolve_ports(self.spec, free_ports(unallocated_forwards(self.spec)))
         ser_ours, ser_qemu = socket.socketpair()
         qmp_ours = qmp_qemu = None
         if self.use_qmp:
@@ -200,10 +205,8 @@ class Machine:
                 pidfile=self.run_dir / "qemu.pid",
             )
             self.argv = build_argv(self.resolved, endpoints)
-            binary = shutil.which(self.argv[0])
-            if binary is None:
+            if shutil.which(self.argv[0]) is None:
                 raise LaunchError(f"{self.argv[0]} not found on PATH (run: make setup)", level=self.level)
-            self._serial_log = open_log(self.serial_log_path)
             stderr = open(self.stderr_path, "wb")  # noqa: SIM115
             log.info("launching %s", " ".join(self.argv))
             self._launched_at = time.monotonic()
@@ -220,10 +223,44 @@ class Machine:
             ser_qemu.close()
             if qmp_qemu is not None:
                 qmp_qemu.close()
-        self.console = SocketSpawn(ser_ours, self._serial_log)
+        self._attach(ser_ours, qmp_ours)
+
+    def _attach(self, serial: Any, qmp: socket.socket | None) -> None:
+        """Start reading the console and connect QMP (QEMU is running)."""
+        assert self._serial_log is not None
+        self.console = SocketSpawn(serial, self._serial_log)
         self.runstate = Runstate.RUNNING
-        if qmp_ours is not None:
-            self._connect_qmp(qmp_ours)
+        if qmp is not None:
+            self._connect_qmp(qmp)
+
+    # -- process hooks (overridden for QEMUs that run inside another guest) --------------
+
+    def poll(self) -> int | None:
+        """QEMU's exit status if it has exited, else None."""
+        return self.proc.poll() if self.proc is not None else None
+
+    def wait(self, timeout: float) -> int | None:
+        """Wait for QEMU to exit on its own; its status, or None on timeout."""
+        if self.proc is None:
+            return None
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def _hard_kill(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.kill()
+        try:
+            return self.proc.wait(timeout=KILL_TIMEOUT)
+        except subprocess.TimeoutExpired:  # pragma: no cover - D state
+            log.error("QEMU pid %d did not die after SIGKILL", self.proc.pid)
+            return None
+
+    def _blame(self) -> None:
+        """Hook: raise the error of an outer level that died (nested machines)."""
 
     def _connect_qmp(self, sock: socket.socket) -> None:
         from qemu.qmp.legacy import QEMUMonitorProtocol
@@ -249,14 +286,10 @@ class Machine:
             return self.stderr_path.read_bytes().decode("utf-8", "replace")
         return ""
 
-    def _raise_exited(self, why: str, cause: BaseException | None = None) -> None:
+    def _raise_exited(self, why: str, cause: BaseException | None = None) -> NoReturn:
         """Raise the typed error for a QEMU that is gone (or going)."""
-        rc = None
-        if self.proc is not None:
-            try:
-                rc = self.proc.wait(timeout=KILL_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                rc = None
+        self._blame()
+        rc = self.wait(KILL_TIMEOUT)
         stderr = self.stderr_text()
         kw: dict[str, Any] = dict(serial_tail=self.serial_tail(), stderr_tail=stderr, level=self.level)
         if "qemu: fatal:" in stderr or (rc is not None and rc < 0):
@@ -286,7 +319,7 @@ class Machine:
                 self.console.expect([r"end Kernel panic[^\n]*", pexpect.EOF], timeout=2)
             raise GuestPanic(f"guest kernel panicked: {headline}",
                              serial_tail=self.serial_tail(), stderr_tail=self.stderr_text(), level=self.level)
-        if idx == 2 or (self.proc is not None and self.proc.poll() is not None):
+        if idx == 2 or self.poll() is not None:
             self._raise_exited(f"while waiting for {what or repr(pattern)}")
         raise ConsoleTimeout(what or repr(pattern), timeout, serial_tail=self.serial_tail(),
                              stderr_tail=self.stderr_text(), level=self.level)
@@ -301,29 +334,20 @@ class Machine:
 
     # -- shutdown ------------------------------------------------------------------------
 
-    def wait(self, timeout: float) -> int | None:
-        """Wait for QEMU to exit on its own; its status, or None on timeout."""
-        if self.proc is None:
-            return None
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
     def shutdown(self, *, powerdown_timeout: float = POWERDOWN_TIMEOUT) -> int | None:
         """Stop QEMU: ACPI powerdown, then QMP quit, then SIGKILL; each step bounded.
 
         Idempotent; always releases the console, QMP and run directory.
         """
-        if self.runstate is Runstate.IDLE and self.proc is None:
-            return None
+        if self.runstate is not Runstate.RUNNING:
+            return self._teardown()
         rc = None
         try:
-            if self.proc is not None and self.proc.poll() is None and self.qmp is not None:
+            if self.poll() is None and self.qmp is not None:
                 with contextlib.suppress(Exception):
                     self.qmp.cmd("system_powerdown")
                     rc = self.wait(powerdown_timeout)
-                if rc is None and self.proc.poll() is None:
+                if rc is None and self.poll() is None:
                     with contextlib.suppress(Exception):
                         self.qmp.cmd("quit")
                     rc = self.wait(QUIT_TIMEOUT)
@@ -336,14 +360,9 @@ class Machine:
         return self._teardown()
 
     def _teardown(self) -> int | None:
-        rc = None
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.kill()
-            try:
-                rc = self.proc.wait(timeout=KILL_TIMEOUT)
-            except subprocess.TimeoutExpired:  # pragma: no cover - D state
-                log.error("QEMU pid %d did not die after SIGKILL", self.proc.pid)
+        if self.runstate is Runstate.SHUTDOWN:
+            return self.poll()
+        rc = self._hard_kill()
         if self.qmp is not None:
             with contextlib.suppress(Exception):
                 self.qmp.close()
