@@ -11,92 +11,19 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
-import platform
-import re
 import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 from harness import paths
 from harness.errors import HarnessError
+from harness.hostfacts import _read, cpu_facts, host_facts, kvm_device, kvm_modules, qemu_version
 from harness.spec import Accel, Arch
 
+__all__ = ["accel_verdict", "cpu_facts", "decide", "host_facts", "kvm_device", "kvm_modules", "probe", "qemu_version"]
+
 KVM_BOOT_DEADLINE = 15.0  # a tiny guest is ready in ~1 s under a working KVM
-VERSION_TIMEOUT = 10.0
-
-
-def _read(path: str) -> str | None:
-    try:
-        return Path(path).read_text().strip()
-    except OSError:
-        return None
-
-
-def cpu_facts(cpuinfo: str) -> dict[str, Any]:
-    """Vendor, model and virtualization flags from /proc/cpuinfo text."""
-    fields: dict[str, str] = {}
-    for line in cpuinfo.splitlines():
-        key, sep, value = line.partition(":")
-        if not sep:
-            if fields:
-                break  # first processor only
-            continue
-        fields.setdefault(key.strip(), value.strip())
-    flags = set(fields.get("flags", "").split())
-    return {
-        "vendor": fields.get("vendor_id", "unknown"),
-        "model": fields.get("model name", "unknown"),
-        "vmx": "vmx" in flags,
-        "svm": "svm" in flags,
-        "hypervisor": "hypervisor" in flags,
-        "cpus": cpuinfo.count("processor\t:") or os.cpu_count(),
-    }
-
-
-def kvm_modules(sys_module: Path = Path("/sys/module")) -> list[str]:
-    """Loaded KVM modules (``/sys/module`` also lists built-in ones; /proc/modules may be absent)."""
-    try:
-        return sorted(p.name for p in sys_module.iterdir() if p.name.startswith("kvm"))
-    except OSError:
-        return []
-
-
-def kvm_device() -> dict[str, Any]:
-    dev = "/dev/kvm"
-    if not os.path.exists(dev):
-        return {"present": False, "openable": False, "error": f"{dev} does not exist"}
-    try:
-        fd = os.open(dev, os.O_RDWR | os.O_CLOEXEC)
-    except OSError as exc:
-        return {"present": True, "openable": False, "error": f"{dev}: {exc.strerror}"}
-    os.close(fd)
-    return {"present": True, "openable": True, "error": None}
-
-
-def qemu_version(binary: str = "qemu-system-x86_64") -> str | None:
-    try:
-        out = subprocess.run([binary, "--version"], capture_output=True, text=True,
-                             timeout=VERSION_TIMEOUT, stdin=subprocess.DEVNULL).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    m = re.search(r"version (\S+)", out)
-    return m.group(1) if m else None
-
-
-def host_facts() -> dict[str, Any]:
-    modules = kvm_modules()
-    nested = {m: _read(f"/sys/module/{m}/parameters/nested") for m in ("kvm_intel", "kvm_amd") if m in modules}
-    return {
-        "hostname": platform.node(),
-        "kernel": platform.release(),
-        "machine": platform.machine(),
-        "boot_id": _read("/proc/sys/kernel/random/boot_id"),
-        "cpu": cpu_facts(_read("/proc/cpuinfo") or ""),
-        "kvm": {**kvm_device(), "modules": modules, "nested": nested},
-        "qemu": {arch.value: qemu_version(arch.qemu_binary) for arch in Arch},
-    }
 
 
 def _kvm_boots(arch: Arch) -> tuple[bool, str]:

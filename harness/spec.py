@@ -109,14 +109,19 @@ class Chardev:
     fd: int | None = None
     tcp_port: int | None = None
     path: Path | None = None
+    wait: bool = False  # listeners only: QEMU waits for the first client before it runs the guest
+
+    @property
+    def _wait(self) -> str:
+        return "on" if self.wait else "off"
 
     def qemu_opts(self, ident: str) -> str:
         if self.fd is not None:
             return f"socket,id={ident},fd={self.fd}"
         if self.tcp_port is not None:
-            return f"socket,id={ident},host={LOOPBACK},port={self.tcp_port},server=on,wait=off"
+            return f"socket,id={ident},host={LOOPBACK},port={self.tcp_port},server=on,wait={self._wait}"
         if self.path is not None:
-            return f"socket,id={ident},path={self.path},server=on,wait=off"
+            return f"socket,id={ident},path={self.path},server=on,wait={self._wait}"
         raise UsageError("Chardev needs one of fd, tcp_port or path")
 
 
