@@ -24,6 +24,7 @@ from harness.spec import Accel, DiskFormat, Drive, Forward, MachineSpec, Nic
 from harness.transport import DEFAULT_TIMEOUT, CommandResult, SerialTransport, TransportBase, Via
 
 if TYPE_CHECKING:
+    from harness.nested import L1Host
     from harness.ssh import SSHTransport
 
 GUEST_POWEROFF_TIMEOUT = 10.0
@@ -42,6 +43,7 @@ class BootOptions:
     kernel: Path | None = None  # boot this kernel with the image's userland
     append: str = ""  # extra kernel command line
     extra_args: tuple[str, ...] = ()
+    extra_drives: tuple[Drive, ...] = ()
     ready_timeout: float | None = None
 
 
@@ -71,6 +73,7 @@ def spec_for(image: Image, opts: BootOptions, token: str) -> MachineSpec:
     if image.disk is not None:
         # snapshot=on: writes go to a throw-away overlay, the cached image stays pristine.
         drives = (Drive(image.disk, DiskFormat.QCOW2, snapshot=True, serial="nestbed-root"),)
+    drives += opts.extra_drives
     accel = opts.accel
     return MachineSpec(
         arch=r.arch, accel=accel, cpu=opts.cpu, cpu_flags=opts.cpu_flags, tcg_threads=opts.tcg_threads,
@@ -106,7 +109,8 @@ class Guest:
             key_path, _ = keys.client_keypair()
             self._ssh = SSHTransport(host="127.0.0.1", port=self.machine.host_ports[22], user="root",
                                      key_path=key_path, host_key=host_key, timeout=timeout,
-                                     name=f"ssh:{self.image.name}")
+                                     name=f"ssh:{self.image.name}@L{self.machine.level}",
+                                     sock_factory=self.machine.connector(22))
         return self._ssh
 
     @property
@@ -149,8 +153,12 @@ class Guest:
 
 @contextlib.contextmanager
 def boot(image: str | Image, *, options: BootOptions | None = None, log_dir: Path | None = None,
-         build: bool = True, qmp: bool = True, via: Via | str = Via.SERIAL) -> Iterator[Guest]:
-    """Boot *image* and yield a ready :class:`Guest`; always powers it off."""
+         build: bool = True, qmp: bool = True, via: Via | str = Via.SERIAL,
+         host: L1Host | None = None) -> Iterator[Guest]:
+    """Boot *image* and yield a ready :class:`Guest`; always powers it off.
+
+    With *host* (an :class:`~harness.nested.L1Host`), the guest runs inside that L1.
+    """
     opts = options or BootOptions()
     img = images.get_image(image) if isinstance(image, str) else image
     if not img.built:
@@ -158,10 +166,12 @@ def boot(image: str | Image, *, options: BootOptions | None = None, log_dir: Pat
             from harness.errors import ImageNotBuilt
             raise ImageNotBuilt(img.name)
         img = images.build(img)
-    accel, reason = resolve_accel(opts.accel, img)
+    accel, reason = host.resolve_accel(opts.accel, img) if host else resolve_accel(opts.accel, img)
     opts_resolved = BootOptions(**{**opts.__dict__, "accel": accel})
     token = secrets.token_hex(6)
-    machine = Machine(spec_for(img, opts_resolved, token), log_dir=log_dir, token=token, qmp=qmp)
+    spec = spec_for(img, opts_resolved, token)
+    machine = host.machine(spec, img, token=token, log_dir=log_dir, qmp=qmp) if host \
+        else Machine(spec, log_dir=log_dir, token=token, qmp=qmp)
     guest = Guest(img, machine, accel_reason=reason)
     machine.launch()
     try:

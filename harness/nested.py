@@ -1,0 +1,372 @@
+"""Nested virtualization: L1 hosts that run inner guests, and the inner guests' handles.
+
+* :func:`boot_l1` boots the ``l1-host`` image with virtualization exposed (on a TCG
+  host ``-cpu qemu64,+svm,+npt``: TCG emulates AMD SVM; on a KVM host ``-cpu host``),
+  loads KVM with ``nested=1`` inside, and probes L1 with the same code as L0
+  (:mod:`harness.hostfacts` run by L1's python3, and a tiny guest booted under L1's KVM).
+* Inner images reach L1 read-only: each qcow2 disk as its own virtio disk (L1's QEMU
+  opens the block device as qcow2, with a throw-away overlay), kernels and initrds on
+  one small ext4 "payload" disk built and cached on L0.
+* :class:`InnerMachine` is a :class:`~harness.machine.Machine` whose QEMU runs in L1: its
+  argv comes from the same :func:`~harness.spec.build_argv`, its serial console and QMP
+  are chardevs on L1's loopback reached through ``direct-tcpip`` channels, and its
+  serial output is logged on L0 like any guest's.  When L1 itself dies, errors name
+  level 1 and carry L1's QEMU stderr (e.g. ``qemu: fatal: invalid tss type``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import random
+import shlex
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness import images, paths, probe
+from harness.errors import HarnessError, LaunchError, TransportError
+from harness.guest import BootOptions, Guest, boot
+from harness.images import Image, run_step
+from harness.machine import KILL_TIMEOUT, Machine
+from harness.relay import socket_for
+from harness.spec import (
+    Accel,
+    Arch,
+    Chardev,
+    DiskFormat,
+    Drive,
+    Endpoints,
+    MachineSpec,
+    build_argv,
+    resolve_ports,
+    unallocated_forwards,
+)
+
+L1_IMAGE = "l1-host"
+PAYLOAD_MOUNT = "/nestbed/payload"
+REMOTE_RUN = "/run/nestbed"
+L2_KVM_PROBE_DEADLINE = 90.0
+CONNECT_DEADLINE = 60.0
+
+# QEMU-version-specific failures seen on real machines, with their evidence.  Each is
+# consulted before a risky probe: trying it would kill the L1 running the probe.
+KNOWN_FAILURES: list[dict[str, str]] = [
+    {
+        "l0_accel": "tcg", "l0_qemu": "7.2", "arch": "i386", "inner_accel": "kvm",
+        "symptom": "qemu: fatal: invalid tss type",
+        "reason": "L0's QEMU 7.2 TCG aborts ('qemu: fatal: invalid tss type', register dump) when a 32-bit "
+                  "guest runs under L1's KVM; the whole L1 dies with it",
+    },
+]
+
+
+def known_failure(l0_accel: str, l0_qemu: str | None, arch: str, inner_accel: str) -> dict[str, str] | None:
+    for kf in KNOWN_FAILURES:
+        if (kf["l0_accel"], kf["arch"], kf["inner_accel"]) == (l0_accel, arch, inner_accel) and \
+                (l0_qemu or "").startswith(kf["l0_qemu"] + "."):
+            return kf
+    return None
+
+
+def l1_options(l0_accel: Accel, recipe_vcpus: int, recipe_memory: int) -> BootOptions:
+    """How to boot an L1 so that it has hardware virtualization of its own."""
+    if l0_accel is Accel.KVM:
+        return BootOptions(accel=Accel.KVM, cpu="host", vcpus=recipe_vcpus, memory_mb=recipe_memory)
+    return BootOptions(accel=Accel.TCG, cpu="qemu64", cpu_flags=("+svm", "+npt"), vcpus=recipe_vcpus,
+                       memory_mb=recipe_memory)
+
+
+def disk_serial(image: Image) -> str:
+    return "nb" + hashlib.sha256(image.name.encode()).hexdigest()[:14]  # virtio-blk serials: 20 bytes max
+
+
+def payload_disk(inner: list[Image]) -> Path:
+    """An ext4 image holding ``<name>/vmlinuz`` and ``<name>/initrd.img`` of each inner image; cached."""
+    key = hashlib.sha256("\n".join(sorted(str(i.dir) for i in inner)).encode()).hexdigest()[:16]
+    root = paths.private_dir(paths.cache_root() / "payload")
+    target = root / f"payload-{key}.img"
+    if target.is_file():
+        return target
+    stage = root / f".stage-{key}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    try:
+        total = 0
+        for img in inner:
+            d = stage / img.name
+            d.mkdir()
+            for src, name in ((img.kernel, "vmlinuz"), (img.initrd, "initrd.img")):
+                if src is not None:
+                    shutil.copy(src, d / name)
+                    total += src.stat().st_size
+            (d / "manifest.json").write_text(json.dumps(img.manifest))
+        size_mb = total // (1 << 20) + 32
+        tmp = root / f".payload-{key}.tmp"
+        run_step(["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(stage), "-L", f"nbpay{key[:8]}", str(tmp),
+                  f"{size_mb}M"], timeout=120, what="payload disk")
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return target
+
+
+@dataclass
+class L1Host:
+    """A running L1: its guest handle, its probe verdict, and where inner images live in it."""
+
+    guest: Guest
+    l0_accel: Accel
+    l0_qemu: str | None
+    inner_images: dict[str, Image]
+    devices: dict[str, str] = field(default_factory=dict)  # image name -> /dev/vdX in L1
+    facts: dict[str, Any] = field(default_factory=dict)
+    accel: dict[str, dict[str, str]] = field(default_factory=dict)
+    level: int = 1
+
+    @property
+    def ssh(self) -> Any:
+        return self.guest.connect_ssh()
+
+    def run(self, cmd: str, *args: str, timeout: float = 60.0) -> Any:
+        return self.ssh.run(cmd, *args, timeout=timeout)
+
+    def free_ports(self, count: int) -> list[int]:
+        """Loopback ports in L1 that nothing listens on (QEMU binds them itself)."""
+        used = set()
+        out = self.run("cat /proc/net/tcp /proc/net/tcp6 2>/dev/null").stdout
+        for line in out.splitlines()[1:]:
+            parts = line.split()
+            if len(parts) > 1 and ":" in parts[1]:
+                used.add(int(parts[1].rsplit(":", 1)[1], 16))
+        chosen: list[int] = []
+        while len(chosen) < count:
+            port = random.randint(20000, 60000)
+            if port not in used and port not in chosen:
+                chosen.append(port)
+        return chosen
+
+    def resolve_accel(self, accel: Accel, image: Image) -> tuple[Accel, str]:
+        arch = image.recipe.arch.value
+        if accel is not Accel.AUTO:
+            kf = known_failure(self.l0_accel.value, self.l0_qemu, arch, accel.value)
+            note = f" (known failure: {kf['reason']})" if kf else ""
+            return accel, f"requested {accel.value} at level {self.level + 1}{note}"
+        verdict = self.accel.get(arch) or {"chosen": "tcg", "reason": "not probed"}
+        return Accel(verdict["chosen"]), verdict["reason"]
+
+    def machine(self, spec: MachineSpec, image: Image, *, token: str, log_dir: Path | None,
+                qmp: bool) -> InnerMachine:
+        if image.name not in self.inner_images:
+            raise HarnessError(f"image {image.name!r} was not attached to this L1 "
+                               f"(attached: {', '.join(self.inner_images)}); pass it to boot_l1(inner=[...])")
+        # Paths as L1 sees them.
+        base = f"{PAYLOAD_MOUNT}/{image.name}"
+        drives = tuple(Drive(Path(self.devices[image.name]), DiskFormat.QCOW2, snapshot=True, serial=d.serial)
+                       for d in spec.drives)
+        local = spec.replace(kernel=Path(f"{base}/vmlinuz"),
+                             initrd=Path(f"{base}/initrd.img") if spec.initrd else None,
+                             drives=drives)
+        return InnerMachine(local, self, log_dir=log_dir, qmp=qmp, token=token)
+
+    @contextlib.contextmanager
+    def inner(self, image: str, *, options: BootOptions | None = None, via: str = "serial",
+              log_dir: Path | None = None) -> Iterator[Guest]:
+        """Boot *image* inside this L1 and yield its guest handle (level 2)."""
+        with boot(image, options=options, via=via, log_dir=log_dir, host=self) as g:
+            yield g
+
+
+class InnerMachine(Machine):
+    """A QEMU running inside an L1 guest, driven from L0."""
+
+    def __init__(self, spec: MachineSpec, host: L1Host, **kw: Any) -> None:
+        super().__init__(spec, level=host.level + 1, **kw)
+        self.host = host
+        self.remote_dir = f"{REMOTE_RUN}/{spec.name}-{self.token}"
+        self._remote_stderr = ""
+        self._status: int | None = None
+
+    def _ssh(self) -> Any:
+        try:
+            return self.host.ssh
+        except TransportError as exc:
+            self._blame()
+            raise exc
+
+    def _launch(self) -> None:
+        ports = self.host.free_ports(2 + unallocated_forwards(self.spec))
+        self.resolved = resolve_ports(self.spec, ports[2:])
+        endpoints = Endpoints(
+            serial=Chardev(tcp_port=ports[0], wait=True),  # no byte lost before L0 connects
+            qmp=Chardev(tcp_port=ports[1]) if self.use_qmp else None,
+            pidfile=Path(f"{self.remote_dir}/qemu.pid"),
+        )
+        self.argv = build_argv(self.resolved, endpoints)
+        d = shlex.quote(self.remote_dir)
+        inner = f"{shlex.join(self.argv)} >stderr 2>&1 </dev/null; echo $? >status"
+        script = (f"mkdir -p -m 0700 {d} && cd {d} && "
+                  f"(setsid sh -c {shlex.quote(inner)} </dev/null >/dev/null 2>&1 &)")
+        self._launched_at = time.monotonic()
+        result = self._ssh().run(script, timeout=30)
+        if result.exit_status != 0:
+            raise LaunchError(f"cannot start QEMU in level {self.host.level}: {result.stderr.strip()}",
+                              level=self.level)
+        serial = self._connect(ports[0], "serial")
+        qmp = self._connect(ports[1], "qmp") if self.use_qmp else None
+        self._attach(socket_for(serial, f"{self.spec.name}-serial"),
+                     socket_for(qmp, f"{self.spec.name}-qmp") if qmp is not None else None)
+
+    def _connect(self, port: int, what: str) -> Any:
+        deadline = time.monotonic() + CONNECT_DEADLINE
+        while True:
+            try:
+                return self._ssh().open_tunnel("127.0.0.1", port, timeout=10)
+            except TransportError as exc:
+                if self.poll() is not None:
+                    self._raise_exited(f"QEMU in level {self.host.level} exited before its {what} "
+                                       f"chardev accepted a connection")
+                if time.monotonic() > deadline:
+                    raise LaunchError(f"level {self.level} {what} chardev never listened: {exc}",
+                                      level=self.level) from None
+                time.sleep(0.1)
+
+    def connector(self, port: int) -> Any:
+        """A factory of channels to a forwarded guest port, through L1."""
+        return lambda: self._ssh().open_tunnel("127.0.0.1", self.host_ports[port], timeout=10)
+
+    # -- process hooks ---------------------------------------------------------------------
+
+    def _blame(self) -> None:
+        outer = self.host.guest.machine
+        if outer.poll() is not None:
+            outer._raise_exited(f"level {self.host.level} died while level {self.level} was running")
+
+    def poll(self) -> int | None:
+        if self._status is not None:
+            return self._status
+        try:
+            out = self.host.run(f"cat {shlex.quote(self.remote_dir)}/status 2>/dev/null", timeout=20).stdout.strip()
+        except HarnessError:
+            self._blame()
+            return None
+        if out.lstrip("-").isdigit():
+            self._status = int(out)
+        return self._status
+
+    def wait(self, timeout: float) -> int | None:
+        deadline = time.monotonic() + timeout
+        while True:
+            rc = self.poll()
+            if rc is not None or time.monotonic() >= deadline:
+                return rc
+            time.sleep(0.2)
+
+    def stderr_text(self) -> str:
+        with contextlib.suppress(HarnessError):
+            if self.host.guest.machine.poll() is None:
+                self._remote_stderr = self.host.run(f"cat {shlex.quote(self.remote_dir)}/stderr 2>/dev/null",
+                                                    timeout=20).stdout
+        return self._remote_stderr
+
+    def _hard_kill(self) -> int | None:
+        if self.host.guest.machine.poll() is not None:
+            return self._status
+        d = shlex.quote(self.remote_dir)
+        with contextlib.suppress(HarnessError):
+            if self.poll() is None:
+                self.host.run(f"kill -9 $(cat {d}/qemu.pid) 2>/dev/null", timeout=20)
+            rc = self.wait(KILL_TIMEOUT)
+            text = self.stderr_text()
+            if self.stderr_path is not None:
+                self.stderr_path.write_text(text)
+            self.host.run(f"rm -rf {d}", timeout=20)
+            return rc
+        return self._status
+
+
+L1_SETUP = r"""
+set -e
+modprobe kvm_amd nested=1 2>/dev/null || modprobe kvm_intel nested=1 2>/dev/null || true
+mkdir -p {mount}
+for b in /sys/block/vd*; do
+  [ -f "$b/serial" ] && echo "${{b##*/}} $(cat $b/serial)"
+done
+"""
+
+
+@contextlib.contextmanager
+def boot_l1(inner: list[str], *, log_dir: Path | None = None, image: str = L1_IMAGE,
+            probe_inner: bool = True, extra_options: dict[str, Any] | None = None) -> Iterator[L1Host]:
+    """Boot an L1 host with *inner* images attached; yield an :class:`L1Host`."""
+    inner_images = [images.build(name) for name in inner]
+    if probe_inner and "tiny-x86_64" not in inner:
+        inner_images.append(images.build("tiny-x86_64"))
+    l1_image = images.build(image)
+    l0 = probe.probe()
+    l0_accel = Accel(l0["accel"]["x86_64"]["chosen"])
+    r = l1_image.recipe
+    opts = l1_options(l0_accel, r.vcpus, r.memory_mb)
+    if extra_options:
+        opts = BootOptions(**{**opts.__dict__, **extra_options})
+    payload = payload_disk(inner_images)
+    drives = [Drive(payload, DiskFormat.RAW, read_only=True, serial="nbpayload")]
+    for img in inner_images:
+        if img.disk is None:
+            continue
+        drives.append(Drive(img.disk, DiskFormat.RAW, read_only=True, serial=disk_serial(img)))
+    opts = BootOptions(**{**opts.__dict__, "extra_drives": tuple(drives)})
+    with boot(l1_image, options=opts, via="ssh", log_dir=log_dir) as g:
+        host = L1Host(guest=g, l0_accel=l0_accel, l0_qemu=l0["qemu"].get("x86_64"),
+                      inner_images={i.name: i for i in inner_images})
+        _setup_l1(host)
+        if probe_inner:
+            _probe_l1(host)
+        yield host
+
+
+def _setup_l1(host: L1Host) -> None:
+    out = host.ssh.check_output(L1_SETUP.format(mount=PAYLOAD_MOUNT), timeout=120)
+    by_serial = dict(reversed(line.split()) for line in out.splitlines() if len(line.split()) == 2)
+    if "nbpayload" not in by_serial:
+        raise LaunchError(f"L1 does not show the payload disk (disks: {out!r})", level=1)
+    host.ssh.check_output(f"mount -o ro /dev/{by_serial['nbpayload']} {PAYLOAD_MOUNT}", timeout=60)
+    for name, img in host.inner_images.items():
+        if img.disk is not None:
+            host.devices[name] = f"/dev/{by_serial[disk_serial(img)]}"
+
+
+def _probe_l1(host: L1Host) -> None:
+    """Run L0's probe code in L1: host facts by L1's python3, KVM by booting a tiny guest."""
+    src = Path(probe.__file__).with_name("hostfacts.py")
+    host.ssh.put(src, "/tmp/nestbed-hostfacts.py")
+    host.facts = json.loads(host.ssh.check_output("python3 /tmp/nestbed-hostfacts.py", timeout=60))
+    boots: dict[str, tuple[bool, str]] = {}
+    if host.facts["kvm"]["openable"]:
+        started = time.monotonic()
+        try:
+            with boot("tiny-x86_64", options=BootOptions(accel=Accel.KVM, ready_timeout=L2_KVM_PROBE_DEADLINE),
+                      host=host) as g:
+                out = g.check_output("uname -m")
+            boots["x86_64"] = (True, f"a tiny x86_64 guest booted under L1's KVM in "
+                                     f"{time.monotonic() - started:.1f} s ({out})")
+        except HarnessError as exc:
+            if host.guest.machine.poll() is not None:
+                raise
+            boots["x86_64"] = (False, str(exc).splitlines()[0])
+        kf = known_failure(host.l0_accel.value, host.l0_qemu, Arch.I386.value, "kvm")
+        if kf is None:
+            boots["i386"] = boots["x86_64"]  # no known hazard: same KVM, same verdict
+    host.accel = probe.decide(host.facts, boots)
+    kf = known_failure(host.l0_accel.value, host.l0_qemu, Arch.I386.value, "kvm")
+    if kf is not None and host.facts["kvm"]["openable"]:
+        host.accel["i386"] = {"chosen": "tcg", "reason": f"known failure, falling back to TCG in L1: {kf['reason']}"}
+
+
+def describe(host: L1Host) -> dict[str, Any]:
+    return {"l0_accel": host.l0_accel.value, "l0_qemu": host.l0_qemu, "facts": host.facts, "accel": host.accel,
+            "devices": host.devices, "ready_seconds": host.guest.ready_seconds}
