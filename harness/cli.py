@@ -11,6 +11,7 @@ and QEMU stderr tails) go to stderr with ``-v``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import signal
@@ -87,7 +88,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("run: no command given (usage: nestbed run IMAGE -- CMD...)")
     opts = BootOptions(accel=Accel(args.accel), vcpus=args.vcpus, memory_mb=args.memory,
                        kernel=Path(args.kernel) if args.kernel else None)
-    with boot(args.image, options=opts, via=args.via) as guest:
+    with contextlib.ExitStack() as stack:
+        if args.level == 1:
+            guest = stack.enter_context(boot(args.image, options=opts, via=args.via))
+        else:
+            from harness.nested import boot_l1
+
+            l1 = stack.enter_context(boot_l1([args.image]))
+            guest = stack.enter_context(l1.inner(args.image, options=opts, via=args.via))
+        if args.verbose:
+            print(f"nestbed: {args.image} at level {args.level}: accel {guest.accel.value} ({guest.accel_reason})",
+                  file=sys.stderr)
         result = guest.run(command[0], *command[1:], timeout=args.timeout)
     sys.stdout.write(result.stdout)
     sys.stderr.write(result.stderr)
@@ -140,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="accelerator (default auto: the probe's verdict)")
     rp.add_argument("--via", choices=[v.value for v in Via], default="serial",
                     help="transport for the command (ssh: images with an SSH server)")
+    rp.add_argument("--level", type=int, choices=[1, 2], default=1,
+                    help="1: boot IMAGE on this host; 2: boot an L1 host (l1-host) and IMAGE inside it")
     rp.add_argument("--kernel", metavar="PATH", help="boot this kernel with the image's userland")
     rp.add_argument("--vcpus", type=int, metavar="N")
     rp.add_argument("--memory", type=int, metavar="MB")

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from filelock import FileLock, Timeout
 
 from harness import aptsources, paths
 from harness.errors import ImageBuildError, ImageNotBuilt
+from harness.progress import StepProgress
 from harness.recipes import Kind, Recipe, all_recipes, find_recipe
 
 BUILDER_VERSION = 1  # bump when a builder's output changes for the same recipe
@@ -33,10 +33,6 @@ MMDEBSTRAP_TIMEOUT = 1800.0
 LOCK_TIMEOUT = 3600.0
 
 Progress = Callable[[str], None]
-
-
-def _stderr_progress(msg: str) -> None:
-    print(f"nestbed: {msg}", file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)
@@ -157,9 +153,15 @@ def builder(kind: Kind) -> Callable[[Builder], Builder]:
 def build(name_or_image: str | Image, *, progress: Progress | None = None, force: bool = False) -> Image:
     """Build an image unless the cache already has it; returns the built :class:`Image`."""
     image = get_image(name_or_image) if isinstance(name_or_image, str) else name_or_image
-    say = progress or _stderr_progress
     if image.built and not force:
         return image
+    if progress is None:
+        with StepProgress(f"image {image.name}") as bar:
+            return _build_locked(image, bar, force)
+    return _build_locked(image, progress, force)
+
+
+def _build_locked(image: Image, say: Progress, force: bool) -> Image:
     lock = FileLock(str(paths.image_root() / f".{image.name}.lock"))
     try:
         lock.acquire(timeout=LOCK_TIMEOUT)
