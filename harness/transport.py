@@ -7,6 +7,7 @@ and ``close``.  Arguments are quoted in exactly one place, :func:`quote_command`
 from __future__ import annotations
 
 import base64
+import contextlib
 import enum
 import hashlib
 import re
@@ -17,12 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from harness.errors import CommandFailed, CommandTimedOut, ConsoleTimeout, TransportError
+from harness.errors import CommandFailed, CommandTimedOut, ConsoleTimeout, HarnessError, TransportError
 
 if TYPE_CHECKING:
     from harness.machine import Machine
 
 DEFAULT_TIMEOUT = 60.0
+RECOVER_TIMEOUT = 15.0
 _B64_LINE = re.compile(r"^[A-Za-z0-9+/=]+$")
 
 
@@ -149,11 +151,31 @@ class SerialTransport(TransportBase):
             else:
                 raise TransportError(f"output of {command!r} arrived corrupted {self.RESEND_ATTEMPTS} times")
         except ConsoleTimeout as exc:
-            self.broken = f"command {command!r} timed out and may still be running"
+            if not self._interrupt():
+                self.broken = f"command {command!r} timed out and the console did not recover"
             raise CommandTimedOut(command, timeout, serial_tail=exc.serial_tail, stderr_tail=exc.stderr_tail,
                                   level=exc.level) from None
         self.machine.send(f"rm -f {files}.O {files}.E\n")
         return CommandResult(command, status, out, err, time.monotonic() - start)
+
+    def _interrupt(self, timeout: float = RECOVER_TIMEOUT) -> bool:
+        """Ctrl-C the console's foreground job and resynchronise; True if the shell answers again.
+
+        SIGINT ends the job and the (non-interactive) shell with it; nestbed's init starts
+        a fresh shell on the same tty, whose settings persist.
+        """
+        tok = secrets.token_hex(8)
+        deadline = time.monotonic() + timeout
+        try:
+            self.machine.send("\x03")
+            while time.monotonic() < deadline:
+                self.machine.send(f"printf '\\n%s-y\\n' {tok}\n")
+                with contextlib.suppress(ConsoleTimeout):
+                    self.machine.expect(rf"\n{tok}-y\n", timeout=1.0, what="console resync")
+                    return True
+        except HarnessError:
+            return False
+        return False
 
     @staticmethod
     def _dump(tok: str, files: str) -> str:
