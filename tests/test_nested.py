@@ -6,8 +6,8 @@ import json
 from collections.abc import Iterator
 
 import pytest
-
 from conftest import nestbed
+
 from harness.errors import QemuCrashed
 from harness.nested import L1Host, boot_l1
 from harness.spec import Accel

@@ -66,8 +66,9 @@ def test_guests_boot_and_are_shut_down(pytester: pytest.Pytester, tmp_path) -> N
     result.stdout.fnmatch_lines(["*deliberate*"])
     serial_logs = sorted(p.name for p in logs.rglob("*-serial.log"))
     assert len(serial_logs) == 4, serial_logs
-    from conftest import qemu_pids_under
-    from harness import paths
-
     import os
+
+    from conftest import qemu_pids_under
+
+    from harness import paths
     assert qemu_pids_under(paths.run_root(), owners={os.getpid()}) == []
