@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 
 from harness import paths
 from harness.errors import HarnessError, UsageError
-from harness.spec import Accel
+from harness.spec import Accel, DiskFormat
 from harness.transport import Via
 
 EXIT_HARNESS = 125
@@ -120,6 +120,36 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_roundtrip(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from harness import diskfmt
+    from harness.progress import StepProgress
+    source = Path(args.source)
+    if not source.is_file():
+        raise UsageError(f"roundtrip: {source}: no such file")
+    chain = diskfmt.parse_chain(args.chain)
+    fmt = DiskFormat(args.format) if args.format else None
+    with contextlib.ExitStack() as stack:
+        work = Path(args.workdir) if args.workdir else Path(stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="nestbed-roundtrip-", dir=paths.cache_root())))
+        work.mkdir(parents=True, exist_ok=True)
+        with StepProgress(f"roundtrip {source.name}") as bar:
+            result = diskfmt.run_chain(source, chain, work, source_format=fmt, progress=bar)
+    if args.json:
+        _print_json(result)
+        return 0
+    print(f"source {result['source']} ({result['source_format']}, {result['virtual_size']} bytes) "
+          f"sha256 {result['sha256'][:16]}")
+    for hop in result["hops"]:
+        reader = f"{hop['reader']}: {'same data' if hop['reader_hash_matches'] else 'DIFFERENT'}" \
+            if hop["reader"] else "no independent reader"
+        print(f"  {hop['hop']:45} {hop['seconds']:6.2f}s check={hop['check']} compare={hop['compare']} {reader}")
+        for pitfall in hop["pitfalls"]:
+            print(f"      pitfall: {pitfall}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="nestbed", description="Boot QEMU guests (and guests inside guests) and test them.",
                 epilog="Exit status: `run` passes the guest command's status through; nestbed's own "
@@ -159,6 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--timeout", type=float, default=600.0, metavar="S", help="command timeout (default 600)")
     rp.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD...")
     rp.set_defaults(func=cmd_run)
+
+    tp = sub.add_parser("roundtrip", help="convert a disk image through a chain of formats, verifying every hop")
+    tp.add_argument("source", metavar="SOURCE", help="any disk image qemu-img reads")
+    tp.add_argument("--chain", required=True, metavar="FMT[:OPT=VAL...],...",
+                    help="e.g. vmdk:subformat=streamOptimized,vpc:subformat=fixed:force_size=on,vhdx,qcow2,raw")
+    tp.add_argument("--format", choices=[f.value for f in DiskFormat], help="SOURCE's format (default: probe)")
+    tp.add_argument("--workdir", metavar="DIR", help="keep the hops here (default: a temporary directory)")
+    tp.add_argument("--json", action="store_true")
+    tp.set_defaults(func=cmd_roundtrip)
 
     bp2 = sub.add_parser("bench", help="benchmarks, side by side, medians; optionally write BENCHMARKS.md")
     bp2.add_argument("--json", action="store_true")
