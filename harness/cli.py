@@ -81,9 +81,7 @@ def cmd_images_build(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from harness.guest import BootOptions, boot
 
-    command = list(args.command)
-    if command and command[0] == "--":
-        command = command[1:]
+    command = list(args.command or [])
     if not command:
         raise UsageError("run: no command given (usage: nestbed run IMAGE -- CMD...)")
     opts = BootOptions(accel=Accel(args.accel), vcpus=args.vcpus, memory_mb=args.memory,
@@ -175,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--force", action="store_true", help="rebuild even if cached")
     bp.set_defaults(func=cmd_images_build)
 
-    rp = sub.add_parser("run", help="boot IMAGE, run CMD in it, print its output, exit with its status")
+    rp = sub.add_parser("run", help="boot IMAGE, run CMD in it, print its output, exit with its status",
+                        usage="nestbed run [options] IMAGE -- CMD...")
     rp.add_argument("image", metavar="IMAGE")
     rp.add_argument("--accel", choices=[a.value for a in Accel], default="auto",
                     help="accelerator (default auto: the probe's verdict)")
@@ -187,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--vcpus", type=int, metavar="N")
     rp.add_argument("--memory", type=int, metavar="MB")
     rp.add_argument("--timeout", type=float, default=600.0, metavar="S", help="command timeout (default 600)")
-    rp.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD...")
+    rp.set_defaults(command=None)
     rp.set_defaults(func=cmd_run)
 
     tp = sub.add_parser("roundtrip", help="convert a disk image through a chain of formats, verifying every hop")
@@ -214,9 +213,20 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after the first "--" is the guest command, whatever it looks like.
+    command = None
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, command = argv[:cut], argv[cut + 1:]
     args = parser.parse_args(argv)
+    if command is not None:
+        if getattr(args, "command", "absent") == "absent":
+            parser.error(f"{args.command_name}: unexpected '-- {' '.join(command)}'")
+        args.command = command
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="nestbed: %(message)s")
+    logging.getLogger("qemu.qmp").setLevel(logging.WARNING)  # its INFO lines are protocol chatter
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         paths.set_cache_dir(args.cache_dir)

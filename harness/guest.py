@@ -145,7 +145,8 @@ class Guest:
             self._ssh.close()
         if m.runstate is Runstate.RUNNING and m.poll() is None and not self.serial.broken:
             with contextlib.suppress(HarnessError, OSError):
-                m.send("sync; poweroff -f\n")
+                # busybox has poweroff; a minbase Debian without systemd-sysv has only sysrq.
+                m.send("sync; poweroff -f 2>/dev/null || echo o > /proc/sysrq-trigger\n")
                 if m.wait(GUEST_POWEROFF_TIMEOUT) is not None:
                     return m.shutdown()
         return m.shutdown(powerdown_timeout=5.0)

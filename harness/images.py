@@ -91,7 +91,7 @@ class Image:
 
 
 def image_for(recipe: Recipe) -> Image:
-    digest = f"{recipe.digest()}{BUILDER_VERSION}"
+    digest = f"{recipe.digest()}{BUILDER_VERSION}{BUILDER_VERSIONS.get(recipe.kind, 0)}"
     return Image(recipe, paths.image_root() / f"{recipe.name}-{digest}")
 
 
@@ -143,9 +143,14 @@ Builder = Callable[[Recipe, Path, Progress], dict[str, Any]]
 BUILDERS: dict[Kind, Builder] = {}
 
 
-def builder(kind: Kind) -> Callable[[Builder], Builder]:
+BUILDER_VERSIONS: dict[Kind, int] = {}
+
+
+def builder(kind: Kind, version: int = 1) -> Callable[[Builder], Builder]:
+    """Register the builder of a recipe kind; bump *version* whenever its output changes."""
     def register(fn: Builder) -> Builder:
         BUILDERS[kind] = fn
+        BUILDER_VERSIONS[kind] = version
         return fn
     return register
 
@@ -171,7 +176,9 @@ def _build_locked(image: Image, say: Progress, force: bool) -> Image:
         if image.built and not force:  # another process built it while we waited
             return image
         work = image.dir.parent / f".build-{image.dir.name}-{os.getpid()}"
-        shutil.rmtree(work, ignore_errors=True)
+        # Builds of this image that died (we hold its lock, so none is running) leave debris.
+        for stale in image.dir.parent.glob(f".build-{image.name}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         work.mkdir(mode=0o700)
         started = time.monotonic()
         try:
@@ -202,9 +209,10 @@ def _build_locked(image: Image, say: Progress, force: bool) -> Image:
 def _remove_stale(image: Image) -> None:
     """Drop earlier builds of the same image name (other recipe digests)."""
     for other in image.dir.parent.glob(f"{image.name}-*"):
-        if other != image.dir and other.is_dir() and len(other.name) == len(image.dir.name):
+        if other != image.dir and other.is_dir() and other.name[len(image.name) + 1:].isalnum():
             shutil.rmtree(other, ignore_errors=True)
 
 
 # The tiny builder lives in its own module; importing it registers it.
 from harness import tiny as _tiny  # noqa: E402,F401
+from harness import debian as _debian  # noqa: E402,F401

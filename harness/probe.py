@@ -23,6 +23,7 @@ from harness.spec import Accel, Arch
 
 __all__ = ["accel_verdict", "cpu_facts", "decide", "host_facts", "kvm_device", "kvm_modules", "probe", "qemu_version"]
 
+PROBE_VERSION = 2  # bump when the verdict's shape or wording changes
 KVM_BOOT_DEADLINE = 15.0  # a tiny guest is ready in ~1 s under a working KVM
 
 
@@ -69,7 +70,7 @@ def decide(facts: dict[str, Any], boot_results: dict[str, tuple[bool, str]]) -> 
 
 def _cache_path() -> Path:
     """Keyed by host boot and by the installed QEMU binaries (an upgrade re-probes)."""
-    key = [_read("/proc/sys/kernel/random/boot_id") or "noboot"]
+    key = [f"v{PROBE_VERSION}", _read("/proc/sys/kernel/random/boot_id") or "noboot"]
     for arch in Arch:
         exe = shutil.which(arch.qemu_binary)
         st = os.stat(exe) if exe else None
