@@ -214,5 +214,5 @@ def _remove_stale(image: Image) -> None:
 
 
 # The tiny builder lives in its own module; importing it registers it.
-from harness import tiny as _tiny  # noqa: E402,F401
 from harness import debian as _debian  # noqa: E402,F401
+from harness import tiny as _tiny  # noqa: E402,F401
