@@ -9,7 +9,7 @@ pytest_plugins = ["pytester"]
 
 def test_markers_and_options_are_registered(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("--markers")
-    result.stdout.fnmatch_lines(["*smoke*", "*nestbed_image(name)*"])
+    result.stdout.fnmatch_lines(["*smoke*", "*nestbed_image(name*"])
     result = pytester.runpytest("--help")
     result.stdout.fnmatch_lines(["*nestbed*", "*--nestbed-cache-dir*", "*--nestbed-accel*", "*--nestbed-log-dir*"])
 
@@ -48,9 +48,12 @@ def test_guests_boot_and_are_shut_down(pytester: pytest.Pytester, tmp_path) -> N
             assert guest.host.file("/init").exists
             assert guest.host.run("exit 4").rc == 4
 
-        @pytest.mark.parametrize("guest", ["tiny-i386"], indirect=True)
-        def test_indirect(guest):
+        from fixtures.plugin import guest_params
+
+        @pytest.mark.parametrize("guest", guest_params(["tiny-i386"]), indirect=True)
+        def test_indirect(guest, guest_host):
             assert guest.check_output("uname -m") == "i686"
+            assert guest_host.file("/bin/busybox").is_file
 
         def test_factory_two_at_once(boot_guest):
             a = boot_guest("tiny-x86_64")
@@ -61,9 +64,12 @@ def test_guests_boot_and_are_shut_down(pytester: pytest.Pytester, tmp_path) -> N
         """
     )
     logs = tmp_path / "logs"
-    result = pytester.runpytest(f"--nestbed-log-dir={logs}")
+    result = pytester.runpytest(f"--nestbed-log-dir={logs}", "-v")
     result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines(["*test_indirect?tiny-i386-serial? PASSED*"])
     result.stdout.fnmatch_lines(["*deliberate*"])
+    # The failed test's report shows each guest's serial log path and tail.
+    result.stdout.fnmatch_lines(["*nestbed tiny-x86_64 (level 1) serial log*", "*-serial.log", "*nestbed-ready-*"])
     serial_logs = sorted(p.name for p in logs.rglob("*-serial.log"))
     assert len(serial_logs) == 4, serial_logs
     import os
