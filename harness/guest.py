@@ -63,7 +63,10 @@ def spec_for(image: Image, opts: BootOptions, token: str) -> MachineSpec:
     kernel = opts.kernel or image.kernel
     if opts.kernel is not None and not Path(opts.kernel).is_file():
         raise UsageError(f"--kernel {opts.kernel}: no such file")
-    append = ["console=ttyS0", "panic=-1", f"nestbed.token={token}"]
+    # loglevel=4: only warnings and worse on the console.  Every byte on an emulated UART
+    # is a VM exit, and under nested KVM on TCG that made boots twice as slow (measured:
+    # debian L2 ready 32 s -> 16 s).  Panics still show; append "loglevel=7" for everything.
+    append = ["console=ttyS0", "loglevel=4", "panic=-1", f"nestbed.token={token}"]
     if r.kind is Kind.TINY:
         append.append("rdinit=/init")
     append += image.manifest.get("append", [])
@@ -75,8 +78,10 @@ def spec_for(image: Image, opts: BootOptions, token: str) -> MachineSpec:
         drives = (Drive(image.disk, DiskFormat.QCOW2, snapshot=True, serial="nestbed-root"),)
     drives += opts.extra_drives
     accel = opts.accel
+    # Under KVM the guest gets the host CPU model: its PV features and no TCG-only flags.
+    cpu = opts.cpu or ("host" if accel is Accel.KVM else None)
     return MachineSpec(
-        arch=r.arch, accel=accel, cpu=opts.cpu, cpu_flags=opts.cpu_flags, tcg_threads=opts.tcg_threads,
+        arch=r.arch, accel=accel, cpu=cpu, cpu_flags=opts.cpu_flags, tcg_threads=opts.tcg_threads,
         memory_mb=opts.memory_mb or r.memory_mb, vcpus=opts.vcpus or r.vcpus,
         kernel=kernel, initrd=image.initrd, append=" ".join(append),
         drives=drives, nics=(Nic(forwards=(Forward(22),)),) if image.disk is not None else (),

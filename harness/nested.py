@@ -34,6 +34,7 @@ from harness.guest import BootOptions, Guest, boot
 from harness.images import Image, run_step
 from harness.machine import KILL_TIMEOUT, Machine
 from harness.relay import socket_for
+from harness.ssh import quiet_paramiko
 from harness.spec import (
     Accel,
     Arch,
@@ -225,7 +226,8 @@ class InnerMachine(Machine):
         deadline = time.monotonic() + CONNECT_DEADLINE
         while True:
             try:
-                return self._ssh().open_tunnel("127.0.0.1", port, timeout=10)
+                with quiet_paramiko():  # "Connect failed" until QEMU listens is expected
+                    return self._ssh().open_tunnel("127.0.0.1", port, timeout=10)
             except TransportError as exc:
                 if self.poll() is not None:
                     self._raise_exited(f"QEMU in level {self.host.level} exited before its {what} "

@@ -29,7 +29,7 @@ IO_CHUNK = 32768
 
 
 @contextlib.contextmanager
-def _quiet_paramiko() -> Iterator[None]:
+def quiet_paramiko() -> Iterator[None]:
     logger = logging.getLogger("paramiko")
     old = logger.level
     logger.setLevel(logging.CRITICAL + 1)
@@ -67,7 +67,7 @@ class SSHTransport(TransportBase):
         pkey = paramiko.Ed25519Key.from_private_key_file(str(key_path))
         deadline = time.monotonic() + timeout
         last: Exception | None = None
-        with _quiet_paramiko():
+        with quiet_paramiko():
             while True:
                 try:
                     channel = sock_factory() if sock_factory else sock
