@@ -13,7 +13,7 @@ lint: setup
 
 # The project's own tests: unit, plugin and a lean set of real boots.
 test: setup lint
-	$(PY) -m pytest tests -n 2 $(PYTEST_ARGS)
+	$(PY) -m pytest tests -n 2 -m "not slow" $(PYTEST_ARGS)
 
 # Fast tests only (no QEMU).
 unit: setup
