@@ -34,7 +34,6 @@ from harness.guest import BootOptions, Guest, boot
 from harness.images import Image, run_step
 from harness.machine import KILL_TIMEOUT, Machine
 from harness.relay import socket_for
-from harness.ssh import quiet_paramiko
 from harness.spec import (
     Accel,
     Arch,
@@ -47,6 +46,7 @@ from harness.spec import (
     resolve_ports,
     unallocated_forwards,
 )
+from harness.ssh import quiet_paramiko
 
 L1_IMAGE = "l1-host"
 PAYLOAD_MOUNT = "/nestbed/payload"
@@ -348,6 +348,13 @@ def _probe_l1(host: L1Host) -> None:
     host.ssh.put(src, "/tmp/nestbed-hostfacts.py")
     host.facts = json.loads(host.ssh.check_output("python3 /tmp/nestbed-hostfacts.py", timeout=60))
     boots: dict[str, tuple[bool, str]] = {}
+    # The KVM boot verdict depends on L1's image and on L0 (its probe key covers boot and QEMU);
+    # cache it like L0's, so only the first L1 of a host boot pays the ~20 s.
+    cache = paths.cache_root() / f"probe-l1-{host.guest.image.dir.name}-{probe.cache_key()}.json"
+    if cache.is_file():
+        with contextlib.suppress(ValueError):
+            host.accel = json.loads(cache.read_text())
+            return
     if host.facts["kvm"]["openable"]:
         started = time.monotonic()
         try:
@@ -367,6 +374,9 @@ def _probe_l1(host: L1Host) -> None:
     kf = known_failure(host.l0_accel.value, host.l0_qemu, Arch.I386.value, "kvm")
     if kf is not None and host.facts["kvm"]["openable"]:
         host.accel["i386"] = {"chosen": "tcg", "reason": f"known failure, falling back to TCG in L1: {kf['reason']}"}
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps(host.accel))
+    tmp.rename(cache)
 
 
 def describe(host: L1Host) -> dict[str, Any]:

@@ -21,7 +21,8 @@ from harness.errors import HarnessError
 from harness.hostfacts import _read, cpu_facts, host_facts, kvm_device, kvm_modules, qemu_version
 from harness.spec import Accel, Arch
 
-__all__ = ["accel_verdict", "cpu_facts", "decide", "host_facts", "kvm_device", "kvm_modules", "probe", "qemu_version"]
+__all__ = ["accel_verdict", "cache_key", "cpu_facts", "decide", "host_facts", "kvm_device", "kvm_modules", "probe",
+           "qemu_version"]
 
 PROBE_VERSION = 2  # bump when the verdict's shape or wording changes
 KVM_BOOT_DEADLINE = 15.0  # a tiny guest is ready in ~1 s under a working KVM
@@ -68,14 +69,18 @@ def decide(facts: dict[str, Any], boot_results: dict[str, tuple[bool, str]]) -> 
     return out
 
 
-def _cache_path() -> Path:
-    """Keyed by host boot and by the installed QEMU binaries (an upgrade re-probes)."""
+def cache_key() -> str:
+    """This host boot and its installed QEMU binaries (an upgrade or a reboot re-probes)."""
     key = [f"v{PROBE_VERSION}", _read("/proc/sys/kernel/random/boot_id") or "noboot"]
     for arch in Arch:
         exe = shutil.which(arch.qemu_binary)
         st = os.stat(exe) if exe else None
         key.append(f"{st.st_size}.{int(st.st_mtime)}" if st else "none")
-    return paths.cache_root() / f"probe-{'-'.join(key)}.json"
+    return "-".join(key)
+
+
+def _cache_path() -> Path:
+    return paths.cache_root() / f"probe-{cache_key()}.json"
 
 
 def probe(*, refresh: bool = False) -> dict[str, Any]:
