@@ -12,6 +12,7 @@ from __future__ import annotations
 import queue
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import IO
 
@@ -30,7 +31,8 @@ class SocketSpawn(SpawnBase):
                          encoding="utf-8", codec_errors="replace")
         self._sock = sock
         self._log = logfile
-        self._queue: queue.Queue[bytes | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[bytes, float] | None] = queue.Queue()
+        self.arrived_at = 0.0  # monotonic arrival time of the newest chunk handed to pexpect
         self._tail = bytearray()
         self._tail_lock = threading.Lock()
         self._reader = threading.Thread(target=self._drain, name="nestbed-serial", daemon=True)
@@ -51,7 +53,7 @@ class SocketSpawn(SpawnBase):
                 with self._tail_lock:
                     self._tail += data
                     del self._tail[:-TAIL_BYTES]
-                self._queue.put(data)
+                self._queue.put((data, time.monotonic()))
         finally:
             self._queue.put(None)
 
@@ -75,7 +77,8 @@ class SocketSpawn(SpawnBase):
             if item is None:
                 self._eof = True
                 break
-            chunks.append(item)
+            chunks.append(item[0])
+            self.arrived_at = item[1]
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,7 @@ class Guest:
         self.serial = SerialTransport(machine)
         self.transport: TransportBase = self.serial
         self.ready_seconds: float | None = None
+        self.ready_lag: float | None = None
         self._ssh: SSHTransport | None = None
         self._host: Any = None
 
@@ -135,6 +137,9 @@ class Guest:
         """Wait for init's ready marker; returns seconds since launch."""
         self.machine.expect(rf"nestbed-ready-{self.machine.token}\n", timeout=timeout, what="ready marker from the guest's init")
         self.ready_seconds = self.machine.uptime
+        assert self.machine.console is not None
+        # How long after the marker's bytes reached us the harness noticed them.
+        self.ready_lag = time.monotonic() - self.machine.console.arrived_at
         return self.ready_seconds
 
     def run(self, cmd: str, *args: str, timeout: float = DEFAULT_TIMEOUT) -> CommandResult:
