@@ -13,15 +13,15 @@ lint: setup
 
 # The project's own tests: unit, plugin and a lean set of real boots.
 test: setup lint
-	$(PY) -m pytest tests -n 2 -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest tests -n 2 --dist loadscope -m "not slow" $(PYTEST_ARGS)
 
 # Fast tests only (no QEMU).
 unit: setup
 	$(PY) -m pytest tests -m "not boot" $(PYTEST_ARGS)
 
-# The main job: until the report lands, the smoke scenarios.
+# The main job: until the report lands, the smoke scenarios (serial log paths of failures in the output).
 report: setup
-	$(PY) -m pytest scenarios -m smoke -p no:cacheprovider $(PYTEST_ARGS)
+	$(PY) -m pytest scenarios -m smoke -p no:cacheprovider -v $(PYTEST_ARGS)
 
 bench: setup
 	.venv/bin/nestbed bench --write BENCHMARKS.md
