@@ -153,13 +153,17 @@ class Guest:
         m = self.machine
         if self._ssh is not None:
             self._ssh.close()
-        if m.runstate is Runstate.RUNNING and m.poll() is None and not self.serial.broken:
-            with contextlib.suppress(HarnessError, OSError):
-                # busybox has poweroff; a minbase Debian without systemd-sysv has only sysrq.
-                m.send("sync; poweroff -f 2>/dev/null || echo o > /proc/sysrq-trigger\n")
-                if m.wait(GUEST_POWEROFF_TIMEOUT) is not None:
-                    return m.shutdown()
-        return m.shutdown(powerdown_timeout=5.0)
+        try:
+            if m.runstate is Runstate.RUNNING and m.poll() is None and not self.serial.broken:
+                with contextlib.suppress(HarnessError, OSError):
+                    # busybox has poweroff; a minbase Debian without systemd-sysv has only sysrq.
+                    m.send("sync; poweroff -f 2>/dev/null || echo o > /proc/sysrq-trigger\n")
+                    if m.wait(GUEST_POWEROFF_TIMEOUT) is not None:
+                        return m.shutdown()
+            return m.shutdown(powerdown_timeout=5.0)
+        except HarnessError:
+            # Shutting down must never mask the error that got us here (e.g. an outer level died).
+            return m.kill()
 
 
 @contextlib.contextmanager
