@@ -8,7 +8,7 @@ setup:
 	@scripts/setup
 
 lint: setup
-	.venv/bin/ruff check harness fixtures scenarios tests bench
+	.venv/bin/ruff check harness fixtures scenarios tests
 	.venv/bin/mypy
 
 # The project's own tests: unit, plugin and a lean set of real boots.
