@@ -190,7 +190,8 @@ def boot(image: str | Image, *, options: BootOptions | None = None, log_dir: Pat
     guest = Guest(img, machine, accel_reason=reason)
     machine.launch()
     try:
-        guest.wait_ready(opts.ready_timeout or img.recipe.ready_timeout)
+        # Recipes' timeouts are for level 1; each level down is emulated on top of the one above.
+        guest.wait_ready(opts.ready_timeout or img.recipe.ready_timeout * (1 if host is None else 3))
     except BaseException:
         machine.kill()  # never became usable: nothing to shut down gracefully
         raise
