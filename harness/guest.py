@@ -45,6 +45,7 @@ class BootOptions:
     append: str = ""  # extra kernel command line
     extra_args: tuple[str, ...] = ()
     extra_drives: tuple[Drive, ...] = ()
+    root_disk: Drive | None = None  # boot from this disk instead of the image's (e.g. a converted copy)
     ready_timeout: float | None = None
 
 
@@ -74,7 +75,11 @@ def spec_for(image: Image, opts: BootOptions, token: str) -> MachineSpec:
     if opts.append:
         append.append(opts.append)
     drives: tuple[Drive, ...] = ()
-    if image.disk is not None:
+    if opts.root_disk is not None:
+        if image.disk is None:
+            raise UsageError(f"image {image.name} boots from an initramfs: it takes no root disk")
+        drives = (opts.root_disk,)
+    elif image.disk is not None:
         # snapshot=on: writes go to a throw-away overlay, the cached image stays pristine.
         drives = (Drive(image.disk, DiskFormat.QCOW2, snapshot=True, serial="nestbed-root"),)
     drives += opts.extra_drives

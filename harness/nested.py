@@ -125,6 +125,7 @@ class L1Host:
     l0_qemu: str | None
     inner_images: dict[str, Image]
     devices: dict[str, str] = field(default_factory=dict)  # image name -> /dev/vdX in L1
+    payload_dev: str = ""
     facts: dict[str, Any] = field(default_factory=dict)
     accel: dict[str, dict[str, str]] = field(default_factory=dict)
     level: int = 1
@@ -167,8 +168,9 @@ class L1Host:
                                f"(attached: {', '.join(self.inner_images)}); pass it to boot_l1(inner=[...])")
         # Paths as L1 sees them.
         base = f"{PAYLOAD_MOUNT}/{image.name}"
+        # The image's root disk becomes L1's device for it; other drives already name L1 paths.
         drives = tuple(Drive(Path(self.devices[image.name]), DiskFormat.QCOW2, snapshot=True, serial=d.serial)
-                       for d in spec.drives)
+                       if d.path == image.disk else d for d in spec.drives)
         local = spec.replace(kernel=Path(f"{base}/vmlinuz"),
                              initrd=Path(f"{base}/initrd.img") if spec.initrd else None,
                              drives=drives)
@@ -303,12 +305,23 @@ done
 
 @contextlib.contextmanager
 def boot_l1(inner: list[str], *, log_dir: Path | None = None, image: str = L1_IMAGE,
-            probe_inner: bool = True, extra_options: dict[str, Any] | None = None) -> Iterator[L1Host]:
-    """Boot an L1 host with *inner* images attached; yield an :class:`L1Host`."""
+            probe_inner: bool = True, extra_options: dict[str, Any] | None = None,
+            parent: L1Host | None = None) -> Iterator[L1Host]:
+    """Boot a host for nested guests with *inner* images attached; yield an :class:`L1Host`.
+
+    With *parent*, the host itself runs inside that host (one level deeper: L2 as a
+    hypervisor, its guests at L3); the parent must carry this host's image and *inner*.
+    """
     inner_images = [images.build(name) for name in inner]
     if probe_inner and "tiny-x86_64" not in inner:
         inner_images.append(images.build("tiny-x86_64"))
     l1_image = images.build(image)
+    if parent is not None:
+        with _deeper_host(parent, l1_image, inner_images, log_dir, extra_options) as host:
+            if probe_inner:
+                _probe_l1(host)
+            yield host
+        return
     l0 = probe.probe()
     l0_accel = Accel(l0["accel"]["x86_64"]["chosen"])
     r = l1_image.recipe
@@ -331,12 +344,34 @@ def boot_l1(inner: list[str], *, log_dir: Path | None = None, image: str = L1_IM
         yield host
 
 
+@contextlib.contextmanager
+def _deeper_host(parent: L1Host, image: Image, inner: list[Image], log_dir: Path | None,
+                 extra_options: dict[str, Any] | None) -> Iterator[L1Host]:
+    missing = [i.name for i in [image, *inner] if i.name not in parent.inner_images]
+    if missing:
+        raise HarnessError(f"level {parent.level} host lacks {', '.join(missing)}: attach them to it "
+                           f"(boot_l1([... {', '.join(missing)} ...]))")
+    # Pass the parent's payload and image devices through, read-only, as raw block devices.
+    drives = [Drive(Path(parent.payload_dev), DiskFormat.RAW, read_only=True, serial="nbpayload")]
+    drives += [Drive(Path(parent.devices[i.name]), DiskFormat.RAW, read_only=True, serial=disk_serial(i))
+               for i in inner if i.disk is not None]
+    opts = BootOptions(vcpus=image.recipe.vcpus, memory_mb=image.recipe.memory_mb // 2, extra_drives=tuple(drives))
+    if extra_options:
+        opts = BootOptions(**{**opts.__dict__, **extra_options})
+    with boot(image, options=opts, via="ssh", log_dir=log_dir, host=parent) as g:
+        host = L1Host(guest=g, l0_accel=parent.l0_accel, l0_qemu=parent.l0_qemu,
+                      inner_images={i.name: i for i in inner}, level=parent.level + 1)
+        _setup_l1(host)
+        yield host
+
+
 def _setup_l1(host: L1Host) -> None:
     out = host.ssh.check_output(L1_SETUP.format(mount=PAYLOAD_MOUNT), timeout=120)
     by_serial = dict(reversed(line.split()) for line in out.splitlines() if len(line.split()) == 2)
     if "nbpayload" not in by_serial:
         raise LaunchError(f"L1 does not show the payload disk (disks: {out!r})", level=1)
-    host.ssh.check_output(f"mount -o ro /dev/{by_serial['nbpayload']} {PAYLOAD_MOUNT}", timeout=60)
+    host.payload_dev = f"/dev/{by_serial['nbpayload']}"
+    host.ssh.check_output(f"mount -o ro {host.payload_dev} {PAYLOAD_MOUNT}", timeout=60)
     for name, img in host.inner_images.items():
         if img.disk is not None:
             host.devices[name] = f"/dev/{by_serial[disk_serial(img)]}"
@@ -350,7 +385,7 @@ def _probe_l1(host: L1Host) -> None:
     boots: dict[str, tuple[bool, str]] = {}
     # The KVM boot verdict depends on L1's image and on L0 (its probe key covers boot and QEMU);
     # cache it like L0's, so only the first L1 of a host boot pays the ~20 s.
-    cache = paths.cache_root() / f"probe-l1-{host.guest.image.dir.name}-{probe.cache_key()}.json"
+    cache = paths.cache_root() / f"probe-L{host.level}-{host.guest.image.dir.name}-{probe.cache_key()}.json"
     if cache.is_file():
         with contextlib.suppress(ValueError):
             host.accel = json.loads(cache.read_text())
