@@ -16,6 +16,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -118,6 +119,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_soak(args: argparse.Namespace) -> int:
+    from harness import soak
+    from harness.progress import StepProgress
+
+    out = Path(args.out) if args.out else paths.log_root() / f"soak-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
+    with StepProgress(f"soak {args.tier} x{args.runs}") as bar:
+        report = soak.run_soak(args.runs, tier=args.tier, out_dir=out, timeout=args.timeout, say=bar)
+    print(soak.render(report))
+    print(f"junit files and logs: {out}")
+    return 0 if report.green else 1
+
+
 def cmd_roundtrip(args: argparse.Namespace) -> int:
     import tempfile
 
@@ -204,6 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
     bp2.add_argument("--only", action="append", metavar="NAME", help="run only this benchmark (repeatable)")
     bp2.add_argument("--write", metavar="FILE", help="write the results as Markdown to FILE")
     bp2.set_defaults(func=cmd_bench)
+
+    sk = sub.add_parser("soak", help="repeat a scenario tier and report flaky tests (exit 1 if any test flaked "
+                                     "or failed, or a run gave no results)")
+    sk.add_argument("--runs", type=int, default=10, metavar="N", help="how many times (default 10)")
+    sk.add_argument("--tier", default="smoke", metavar="MARKER", help="scenario marker to run (default smoke)")
+    sk.add_argument("--out", metavar="DIR", help="where the JUnit files and logs go (default: <cache>/logs/soak-*)")
+    sk.add_argument("--timeout", type=float, default=3600.0, metavar="S", help="limit per run (default 3600)")
+    sk.set_defaults(func=cmd_soak)
     return p
 
 
