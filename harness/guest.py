@@ -47,6 +47,7 @@ class BootOptions:
     extra_drives: tuple[Drive, ...] = ()
     root_disk: Drive | None = None  # boot from this disk instead of the image's (e.g. a converted copy)
     ready_timeout: float | None = None
+    reset: bool = False  # snapshot right after the ready marker, so Guest.reset() can return there
 
 
 def resolve_accel(accel: Accel, image: Image) -> tuple[Accel, str]:
@@ -108,6 +109,8 @@ class Guest:
         self.ready_lag: float | None = None
         self._ssh: SSHTransport | None = None
         self._host: Any = None
+        self.reset_tag: str | None = None  # the snapshot Guest.reset() loads (harness.reset)
+        self.resets = 0
 
     def connect_ssh(self, *, timeout: float = 60.0) -> SSHTransport:
         """SSH to the guest (key auth, host key pinned to the one recorded at build time)."""
@@ -153,6 +156,16 @@ class Guest:
     def check_output(self, cmd: str, *args: str, timeout: float = DEFAULT_TIMEOUT) -> str:
         return self.transport.check_output(cmd, *args, timeout=timeout)
 
+    def reset(self, *, timeout: float | None = None) -> float:
+        """Back to the just-booted state without rebooting (QEMU loadvm); seconds taken.
+
+        Needs ``BootOptions(reset=True)``.  SSH is reconnected if it was the transport; files
+        written and processes started since boot are gone; the guest's clock jumps back.
+        """
+        from harness import reset
+
+        return reset.reset_guest(self, timeout=timeout or reset.SNAPSHOT_TIMEOUT)
+
     def poweroff(self) -> int | None:
         """Power off from inside (nestbed's init has no ACPI daemon), then make sure."""
         m = self.machine
@@ -188,6 +201,10 @@ def boot(image: str | Image, *, options: BootOptions | None = None, log_dir: Pat
         img = images.build(img)
     accel, reason = host.resolve_accel(opts.accel, img) if host else resolve_accel(opts.accel, img)
     opts_resolved = BootOptions(**{**opts.__dict__, "accel": accel})
+    if opts.reset and img.disk is None and opts.root_disk is None and host is None:
+        from harness.reset import state_drive_args  # savevm needs a qcow2 to hold the state
+
+        opts_resolved = BootOptions(**{**opts_resolved.__dict__, "extra_args": opts.extra_args + state_drive_args()})
     token = secrets.token_hex(6)
     spec = spec_for(img, opts_resolved, token)
     machine = host.machine(spec, img, token=token, log_dir=log_dir, qmp=qmp) if host \
@@ -197,6 +214,10 @@ def boot(image: str | Image, *, options: BootOptions | None = None, log_dir: Pat
     try:
         # Recipes' timeouts are for level 1; each level down is emulated on top of the one above.
         guest.wait_ready(opts.ready_timeout or img.recipe.ready_timeout * (1 if host is None else 3))
+        if opts.reset:
+            from harness.reset import take_reset_point
+
+            take_reset_point(guest)  # before SSH connects: a connection in the snapshot would be dead
     except BaseException:
         machine.kill()  # never became usable: nothing to shut down gracefully
         raise

@@ -1,0 +1,170 @@
+"""Reset without reboot: return a running guest to its just-booted state in well under a second.
+
+The mechanism is QEMU's internal snapshots, driven by the HMP ``savevm``/``loadvm``
+commands sent through QMP's ``human-monitor-command`` (the qemu.qmp connection every
+:class:`~harness.machine.Machine` already has; no protocol code here):
+
+* :func:`take_reset_point` runs right after the guest printed its ready marker and
+  *before* any SSH connection exists.  ``savevm`` stores the CPU, device and RAM state
+  (RAM compresses well: pages never touched are zero pages) in the writable qcow2
+  overlay that ``snapshot=on`` puts over the image's disk, so the cached image stays
+  pristine and the snapshot vanishes with QEMU.  Read-only drives (an L1's payload and
+  image disks) are skipped by ``savevm``; an image with no disk at all (the tiny
+  initramfs images) gets a small invisible qcow2 drive (``if=none``, no device, also
+  ``snapshot=on``) only to hold the state: :func:`state_drive_args`.
+* :func:`reset_guest` closes any SSH connection (the guest's TCP state is about to go
+  back to a moment before it existed: the old connection can only be reset by the
+  guest), ``loadvm``s, then proves the serial console answers with a fresh marker
+  (which also discards whatever the console still held from before), clears a serial
+  transport that a timed-out command had broken, and reconnects SSH if that was the
+  guest's transport.  The ready token stays valid: the kernel command line is the same.
+
+After a reset the guest's wall clock is the one of the snapshot (it jumps back by the
+time the guest ran since boot); monotonic time inside the guest continues from the
+snapshot too.  Everything the guest wrote to its disk since boot is gone, as is every
+process it started.
+
+Under TCG with debian-x86_64 (512 MiB): ``savevm`` about 0.5 s, ``loadvm`` 0.1-0.4 s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import subprocess
+import time
+from typing import TYPE_CHECKING
+
+from harness import paths
+from harness.errors import CapabilityMissing, HarnessError, MachineStateError
+from harness.machine import QMP_TIMEOUT, Machine, Runstate
+
+if TYPE_CHECKING:
+    from harness.guest import Guest
+
+RESET_TAG = "nestbed-ready"
+SNAPSHOT_TIMEOUT = 120.0  # an L2's savevm writes its RAM through two emulated disks
+RESYNC_TIMEOUT = 30.0
+STATE_DRIVE_ID = "nbvmstate"
+STATE_DRIVE_SIZE = "1M"  # the vmstate lives past the virtual size: the disk itself can be tiny
+
+
+class ResetError(HarnessError):
+    """A snapshot could not be taken or restored (QEMU's own message included)."""
+
+
+def hmp(machine: Machine, command: str, *, timeout: float) -> str:
+    """Run one HMP *command* through QMP; its text output.  Raises :class:`ResetError` on ``Error:``."""
+    if machine.runstate is not Runstate.RUNNING or machine.qmp is None:
+        raise MachineStateError(f"machine {machine.spec.name!r}: HMP {command!r} needs a running machine with QMP")
+    machine.qmp.settimeout(timeout)
+    try:
+        out = machine.qmp.cmd("human-monitor-command", **{"command-line": command})
+    except Exception as exc:  # qemu.qmp raises its own types (ExecuteError, asyncio timeouts, EOF)
+        if machine.poll() is not None:
+            machine._raise_exited(f"during HMP {command!r}", cause=exc)
+        raise ResetError(f"level {machine.level} {machine.spec.name}: HMP {command!r} failed: "
+                         f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        with contextlib.suppress(Exception):
+            machine.qmp.settimeout(QMP_TIMEOUT)
+            machine.qmp.clear_events()  # loadvm/savevm emit STOP/RESUME: nobody reads them
+    text = str(out or "")
+    error = hmp_error(text)
+    if error:
+        raise ResetError(f"level {machine.level} {machine.spec.name}: {command!r}: {error}")
+    return text
+
+
+def hmp_error(text: str) -> str | None:
+    """The first error line of HMP output, or None.
+
+    HMP reports failures as text ("Error: No block device can accept snapshots"), not as
+    a QMP error, so the output has to be read.
+    """
+    return next((ln.strip() for ln in text.splitlines() if ln.strip().lower().startswith("error")), None)
+
+
+def save(machine: Machine, tag: str = RESET_TAG, *, timeout: float = SNAPSHOT_TIMEOUT) -> float:
+    """``savevm TAG``: snapshot the whole running machine; seconds taken."""
+    started = time.monotonic()
+    try:
+        hmp(machine, f"savevm {tag}", timeout=timeout)
+    except ResetError as exc:
+        if "can accept snapshots" in str(exc) or "does not support" in str(exc):
+            raise CapabilityMissing(
+                "reset", f"{machine.spec.name}: QEMU cannot snapshot this machine ({exc}); reset needs a "
+                         "writable qcow2 disk (snapshot=on) or the state drive") from None
+        raise
+    return time.monotonic() - started
+
+
+def load(machine: Machine, tag: str = RESET_TAG, *, timeout: float = SNAPSHOT_TIMEOUT) -> float:
+    """``loadvm TAG``: return the machine to the snapshot (it keeps running); seconds taken."""
+    started = time.monotonic()
+    hmp(machine, f"loadvm {tag}", timeout=timeout)
+    return time.monotonic() - started
+
+
+def resync(machine: Machine, *, timeout: float = RESYNC_TIMEOUT) -> None:
+    """Prove the serial shell answers; everything the console held before the marker is dropped.
+
+    The leading newline ends any half-typed line the snapshot may hold; the typed text
+    never contains the marker verbatim (``%s``), so only the shell's output matches.
+    """
+    tok = secrets.token_hex(8)
+    machine.send(f"\nprintf '\\n%s-r\\n' {tok}\n")
+    machine.expect(rf"\n{tok}-r\n", timeout=timeout, what="the serial shell after a reset")
+
+
+def state_drive_args() -> tuple[str, ...]:
+    """QEMU arguments for an invisible qcow2 drive that holds snapshots of a disk-less guest.
+
+    The empty qcow2 is made once in the cache; ``snapshot=on`` keeps it empty.
+    """
+    target = paths.cache_root() / "vmstate-empty.qcow2"
+    if not target.is_file():
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}")
+        try:
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp), STATE_DRIVE_SIZE],
+                           check=True, capture_output=True, timeout=30)
+        except (OSError, subprocess.SubprocessError) as exc:
+            tmp.unlink(missing_ok=True)
+            raise ResetError(f"cannot create the reset state drive {target}: {exc}") from exc
+        tmp.rename(target)  # atomic: a concurrent maker's identical file is fine
+    return ("-drive", f"if=none,id={STATE_DRIVE_ID},file={target},format=qcow2,snapshot=on")
+
+
+def take_reset_point(guest: Guest, *, timeout: float = SNAPSHOT_TIMEOUT) -> float:
+    """Snapshot *guest* now as the state :meth:`Guest.reset` returns to; seconds taken.
+
+    Call it before SSH connects (``boot()`` does, with ``BootOptions(reset=True)``): a
+    connection open at the snapshot would be dead after every reset.
+    """
+    if guest._ssh is not None:
+        raise MachineStateError(f"{guest.image.name}: take the reset point before SSH connects "
+                                "(boot with BootOptions(reset=True))")
+    seconds = save(guest.machine, RESET_TAG, timeout=timeout)
+    guest.reset_tag = RESET_TAG
+    return seconds
+
+
+def reset_guest(guest: Guest, *, timeout: float = SNAPSHOT_TIMEOUT) -> float:
+    """Return *guest* to its reset point; seconds until its transport answers again."""
+    if guest.reset_tag is None:
+        raise MachineStateError(f"{guest.image.name}: no reset point (boot with BootOptions(reset=True), "
+                                "or boot_guest(..., reset=True))")
+    started = time.monotonic()
+    over_ssh = guest._ssh is not None and guest.transport is guest._ssh
+    if guest._ssh is not None:
+        guest._ssh.close()
+        guest._ssh = None
+    guest._host = None  # testinfra's Host holds the old transport
+    guest.transport = guest.serial
+    load(guest.machine, guest.reset_tag, timeout=timeout)
+    resync(guest.machine, timeout=min(timeout, RESYNC_TIMEOUT))  # ConsoleTimeout carries the serial tail
+    guest.serial.broken = None  # the shell a timed-out command wedged is back at its prompt
+    if over_ssh:
+        guest.transport = guest.connect_ssh()
+    guest.resets += 1
+    return time.monotonic() - started
