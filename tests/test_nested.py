@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 from conftest import nestbed
@@ -13,9 +12,9 @@ from harness.guest import BootOptions
 from harness.nested import L1Host, boot_l1
 from harness.spec import Accel
 
-pytestmark = pytest.mark.boot
-
 INNER = ["tiny-x86_64", "tiny-i386", "debian-x86_64", "debian-i386"]
+# The module shares one L1 (the plugin's l1_host) carrying these images.
+pytestmark = [pytest.mark.boot, pytest.mark.nestbed_inner(*INNER)]
 CLOCKSOURCE = "cat /sys/devices/system/clocksource/clocksource0/current_clocksource"
 
 
@@ -39,10 +38,10 @@ def test_l0_abort_under_a_32_bit_kvm_l2_blames_level_1() -> None:
     assert "invalid tss type" in info.value.stderr_tail
 
 
-@pytest.fixture(scope="module")
-def l1() -> Iterator[L1Host]:
-    with boot_l1(INNER) as host:
-        yield host
+@pytest.fixture
+def l1(l1_host: L1Host) -> L1Host:
+    """The plugin's module-scoped L1 (its images: the nestbed_inner mark above)."""
+    return l1_host
 
 
 def test_l1_probe_runs_the_same_code_and_finds_kvm(l1: L1Host) -> None:
@@ -76,13 +75,15 @@ def test_l2_32_bit_guests_fall_back_to_tcg_in_l1_and_work(l1: L1Host, image: str
             assert "known failure" in g.accel_reason
 
 
-def test_two_l2_guests_at_once_are_isolated(l1: L1Host) -> None:
-    with l1.inner("tiny-x86_64") as a, l1.inner("debian-x86_64", via="ssh") as b:
-        a.run("echo from-a > /tmp/mark")
-        b.run("echo from-b > /tmp/mark")
-        assert a.check_output("cat /tmp/mark") == "from-a"
-        assert b.check_output("cat /tmp/mark") == "from-b"
-        assert a.machine.host_ports != b.machine.host_ports or not a.machine.host_ports
+def test_two_l2_guests_at_once_are_isolated(inner_guest) -> None:  # type: ignore[no-untyped-def]
+    # Two L2s from the plugin's factory, running at the same time in one L1.
+    a, b = inner_guest("tiny-x86_64"), inner_guest("debian-x86_64", via="ssh")
+    a.run("echo from-a > /tmp/mark")
+    b.run("echo from-b > /tmp/mark")
+    assert a.check_output("cat /tmp/mark") == "from-a"
+    assert b.check_output("cat /tmp/mark") == "from-b"
+    assert a.machine.level == b.machine.level == 2
+    assert a.machine.token != b.machine.token
 
 
 def _kvm() -> BootOptions:
