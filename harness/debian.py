@@ -146,6 +146,11 @@ def _enable(root: Path, unit: str) -> None:
         link.symlink_to(target)
 
 
+def _hypervisor_host(recipe: Recipe) -> bool:
+    """Whether the image runs QEMU for guests (packages may name a suite: ``qemu-system-x86/bookworm-backports``)."""
+    return "qemu-system-x86" in {p.split("/")[0] for p in recipe.packages}
+
+
 def customize(root: Path, recipe: Recipe, uuid_: str) -> dict[str, Any]:
     """Everything that makes the tree a nestbed guest; returns manifest facts."""
     _, client_pub = keys.client_keypair()
@@ -176,7 +181,7 @@ def customize(root: Path, recipe: Recipe, uuid_: str) -> dict[str, Any]:
         if recipe.services:
             _write(root, "/etc/nestbed/services", "#!/bin/sh\n" + "".join(f"( {s} ) &\n" for s in recipe.services),
                    0o755)
-        modules = [m for m in ("kvm_amd", "kvm_intel") if "qemu-system-x86" in recipe.packages]
+        modules = [m for m in ("kvm_amd", "kvm_intel") if _hypervisor_host(recipe)]
         _write(root, "/etc/nestbed/modules", " ".join(modules) + "\n")
         append.append("init=/sbin/nestbed-init")
     else:
@@ -191,7 +196,7 @@ def customize(root: Path, recipe: Recipe, uuid_: str) -> dict[str, Any]:
             _enable(root, unit)
         # Kernel messages off the console: command output over serial stays clean.
         _write(root, "/etc/sysctl.d/50-nestbed.conf", "kernel.printk = 1 4 1 7\n")
-    if "qemu-system-x86" in recipe.packages:
+    if _hypervisor_host(recipe):
         _write(root, "/etc/modprobe.d/nestbed-nested.conf", "options kvm_amd nested=1\noptions kvm_intel nested=1\n")
     return {"append": append, "host_keys": {"ssh-ed25519": " ".join(public.split()[:2])}}
 
