@@ -345,6 +345,25 @@ def boot_l1(inner: list[str], *, log_dir: Path | None = None, image: str = L1_IM
 
 
 @contextlib.contextmanager
+def boot_hosts(depth: int, inner: list[str], *, log_dir: Path | None = None) -> Iterator[L1Host]:
+    """Boot a chain of hosts *depth* levels deep and yield the deepest, carrying *inner*.
+
+    ``depth=1`` is :func:`boot_l1`; ``depth=2`` boots an L1 whose guest is itself a host
+    (``l1-host`` at level 2, with nested SVM from L1's KVM), so its guests run at level 3.
+    Every host on the way carries the images the levels below it need.
+    """
+    if depth < 1:
+        raise HarnessError(f"host depth {depth}: must be 1 or more")
+    with contextlib.ExitStack() as stack:
+        host: L1Host | None = None
+        for level in range(1, depth + 1):
+            carried = list(inner) + ([L1_IMAGE] if level < depth else [])
+            host = stack.enter_context(boot_l1(carried, log_dir=log_dir, parent=host))
+        assert host is not None
+        yield host
+
+
+@contextlib.contextmanager
 def _deeper_host(parent: L1Host, image: Image, inner: list[Image], log_dir: Path | None,
                  extra_options: dict[str, Any] | None) -> Iterator[L1Host]:
     missing = [i.name for i in [image, *inner] if i.name not in parent.inner_images]
@@ -396,7 +415,7 @@ def _probe_l1(host: L1Host) -> None:
             with boot("tiny-x86_64", options=BootOptions(accel=Accel.KVM, ready_timeout=L2_KVM_PROBE_DEADLINE),
                       host=host) as g:
                 out = g.check_output("uname -m")
-            boots["x86_64"] = (True, f"a tiny x86_64 guest booted under L1's KVM in "
+            boots["x86_64"] = (True, f"a tiny x86_64 guest booted under level {host.level}'s KVM in "
                                      f"{time.monotonic() - started:.1f} s ({out})")
         except HarnessError as exc:
             if host.guest.machine.poll() is not None:

@@ -88,3 +88,14 @@ def test_two_l2_guests_at_once_are_isolated(inner_guest) -> None:  # type: ignor
 
 def _kvm() -> BootOptions:
     return BootOptions(accel=Accel.KVM, ready_timeout=120)
+
+
+@pytest.mark.slow
+def test_cli_level_3_runs_under_level_2s_kvm() -> None:
+    # L0 TCG -> L1 (KVM via emulated SVM) -> l1-host at L2 under L1's KVM, with nested SVM -> tiny L3
+    # under L2's KVM.  About 5 minutes on a busy 2-core machine.
+    proc = nestbed("run", "tiny-x86_64", "--level", "3", "-v", "--",
+                   "cat", "/sys/devices/system/clocksource/clocksource0/current_clocksource", timeout=1500)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "kvm-clock\n"
+    assert "accel kvm" in proc.stderr
