@@ -2,34 +2,45 @@
 
 Every comparison interleaves its two sides (A, B, A, B, ...) after one untimed warm-up
 of each, so the noise of a shared machine hits both; results are medians of at least
-five runs.  Benchmarks are a registry: ``@benchmark("name")``.
+five runs.  Benchmarks are a registry: ``@benchmark("name")``; ``slow=True`` ones (the
+smoke tier, an L2 reset) run only when named with ``--only`` or with ``--slow``.
+Everything a benchmark needs that is not part of nestbed (virtme-ng, Debian's generic
+kernel) is fetched into ``<cache>/bench/`` at bench time, never into the project's venv.
 """
 
 from __future__ import annotations
 
+import os
 import platform
+import secrets
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from harness import images
-from harness.errors import HarnessError, UsageError
+from harness import images, paths
+from harness.errors import CapabilityMissing, HarnessError, UsageError
 from harness.recipes import REPO_ROOT
+from harness.spec import Accel
 
 RUN_TIMEOUT = 900.0
 BEGIN, END = "<!-- nestbed-bench:begin -->", "<!-- nestbed-bench:end -->"
 
 Bench = Callable[[int], dict[str, Any]]
 BENCHMARKS: dict[str, Bench] = {}
+SLOW: set[str] = set()  # run only when named (--only) or with --slow
 
 
-def benchmark(name: str) -> Callable[[Bench], Bench]:
+def benchmark(name: str, *, slow: bool = False) -> Callable[[Bench], Bench]:
     def register(fn: Bench) -> Bench:
         BENCHMARKS[name] = fn
+        if slow:
+            SLOW.add(name)
         return fn
     return register
 
@@ -140,10 +151,223 @@ def bench_nested(runs: int) -> dict[str, Any]:
             "targets": {"l1_ready": 8.0, "l2_ssh_after_l1": 15.0, "whole_run": 30.0}}
 
 
-def run_all(runs: int = 7, only: list[str] | None = None) -> dict[str, Any]:
+# -- c. reset vs reboot ------------------------------------------------------------------------
+
+RESET_TARGET = 1.5  # seconds, debian-x86_64 under TCG
+
+
+def _reset_vs_reboot(runs: int, boot_cm: Callable[..., Any], what: str, accel: Accel = Accel.TCG) -> dict[str, Any]:
+    """One long-lived guest reset *runs* times, interleaved with as many fresh boots of the same image."""
+    from harness.guest import BootOptions
+
+    opts = BootOptions(accel=accel, vcpus=2)
+    loadvm, serial, ssh = [], [], []
+
+    with boot_cm(BootOptions(**{**opts.__dict__, "reset": True})) as g:
+        def reboot() -> float:
+            started = time.monotonic()
+            with boot_cm(opts) as fresh:
+                fresh.check_output("true")
+            return time.monotonic() - started  # launch -> SSH answers -> powered off: what a test pays
+
+        def reset() -> float:
+            g.check_output("echo dirty > /root/nestbed-bench; sync")  # untimed: something to undo
+            started = time.monotonic()
+            g.reset()
+            g.check_output("test ! -e /root/nestbed-bench")
+            elapsed = time.monotonic() - started
+            loadvm.append(g.last_reset["loadvm"])
+            serial.append(g.last_reset["serial"])
+            ssh.append(g.last_reset.get("ssh", 0.0))
+            return elapsed
+
+        a, b = _side_by_side(reboot, reset, runs)
+    del loadvm[0], serial[0], ssh[0]  # the warm-up's
+    result = _ratio("reboot", a, "reset", b, None)
+    result.update(what=what, reset_loadvm=_stats(loadvm), reset_serial_answers=_stats(serial),
+                  reset_ssh_reconnect=_stats(ssh), target_seconds=RESET_TARGET,
+                  meets_target=statistics.median(b) <= RESET_TARGET)
+    return result
+
+
+@benchmark("reset")
+def bench_reset(runs: int) -> dict[str, Any]:
+    """debian-x86_64 over SSH: Guest.reset() (loadvm + serial resync + SSH reconnect) vs a reboot."""
+    from harness.guest import boot
+
+    images.build("debian-x86_64")
+    return _reset_vs_reboot(
+        runs, lambda opts: boot("debian-x86_64", via="ssh", options=opts),
+        "debian-x86_64, 2 vCPUs, TCG, over SSH: reset = Guest.reset() until a command answers over a fresh "
+        "SSH connection (phases: loadvm, serial answers, SSH reconnect); reboot = boot a new guest until SSH "
+        "answers, then power it off")
+
+
+@benchmark("reset-l2", slow=True)
+def bench_reset_l2(runs: int) -> dict[str, Any]:
+    """The same comparison for a debian-x86_64 L2 under L1's KVM (one L1 for all runs)."""
+    from harness.nested import boot_l1
+
+    with boot_l1(["debian-x86_64"]) as l1:
+        return _reset_vs_reboot(
+            runs, lambda opts: l1.inner("debian-x86_64", via="ssh", options=opts),
+            "debian-x86_64 as an L2 in one l1-host, over jump-SSH: Guest.reset() vs booting a new L2 "
+            "(L1 boot not counted)", accel=Accel.AUTO)  # AUTO: L1's own verdict (its KVM)
+
+
+# -- d. conversion hops vs bare qemu-img -----------------------------------------------------------
+
+HOPS_CHAIN = "vmdk,vpc:force_size=on,vhdx,qcow2,raw"
+HOPS_SOURCE_MB = 256
+
+
+def _hops_source() -> Path:
+    """A 256 MiB raw ext4 image filled from nestbed's own sources (deterministic enough); cached."""
+    root = paths.private_dir(paths.cache_root() / "bench")
+    target = root / "hops-source.raw"
+    if target.is_file():
+        return target
+    tmp = root / f".hops-source-{secrets.token_hex(4)}.raw"
+    try:
+        subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(REPO_ROOT / "harness"), "-L", "nbbench",
+                        str(tmp), f"{HOPS_SOURCE_MB}M"], check=True, capture_output=True, timeout=120)
+        tmp.rename(target)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise HarnessError(f"bench: cannot make the conversion source {target}: {exc}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+@benchmark("hops")
+def bench_hops(runs: int) -> dict[str, Any]:
+    """Each hop of a chain through harness.diskfmt vs a bare `qemu-img convert` of the same input."""
+    from harness import diskfmt
+
+    if not hasattr(diskfmt, "bench_hops"):  # written by the disk-format work; older trees lack it
+        raise CapabilityMissing("bench hops", "harness.diskfmt.bench_hops is missing from this tree")
+    result: dict[str, Any] = diskfmt.bench_hops(_hops_source(), HOPS_CHAIN, runs=runs)
+    result["what"] = (f"a {HOPS_SOURCE_MB} MiB raw ext4 image through {HOPS_CHAIN}: each hop's conversion by "
+                      "harness.diskfmt.convert vs bare `qemu-img convert` (same arguments), interleaved; "
+                      "'verify' is what nestbed adds per hop (check, compare, independent readers)")
+    return result
+
+
+# -- e. the smoke tier: one worker vs -n auto ------------------------------------------------------
+
+SMOKE_RUNS = 1  # each run takes minutes; a median of 5 per side would take over an hour
+
+
+@benchmark("smoke-tier", slow=True)
+def bench_smoke_tier(runs: int) -> dict[str, Any]:
+    base = [sys.executable, "-m", "pytest", "scenarios", "-m", "smoke", "-p", "no:cacheprovider", "-q"]
+    xdist = [*base, "-n", "auto", "--dist", "loadscope"]
+    one, many = [], []
+    for _ in range(SMOKE_RUNS):  # no warm-up: images are built by the first benchmark that needs them
+        one.append(_timed(base))
+        many.append(_timed(xdist))
+    result = _ratio("one_worker", one, "n_auto", many, None)
+    result.update(runs=SMOKE_RUNS, what=f"`pytest scenarios -m smoke` with one worker vs `-n auto --dist loadscope` "
+                                        f"({os.cpu_count()} CPUs); {SMOKE_RUNS} run per side, not a median of 5 "
+                                        "(each run takes minutes): indicative only")
+    return result
+
+
+# -- f. nestbed vs virtme-ng with the same generic kernel ---------------------------------------
+
+VNG_VERSION = "1.42"
+GENERIC_KERNEL_META = "linux-image-amd64"
+VNG_HOST_TOOLS = {"depmod": "kmod", "busybox": "busybox-static"}
+
+
+def _bench_dir() -> Path:
+    return paths.private_dir(paths.cache_root() / "bench")
+
+
+def generic_kernel() -> tuple[Path, str]:
+    """Debian's generic amd64 kernel (image and its modules) unpacked into the cache; (vmlinuz, release)."""
+    deps = subprocess.run(["apt-cache", "depends", GENERIC_KERNEL_META], capture_output=True, text=True,
+                          timeout=60)
+    pkg = next((ln.split(":", 1)[1].strip() for ln in deps.stdout.splitlines()
+                if ln.strip().startswith("Depends:") and "linux-image-" in ln), None)
+    if deps.returncode != 0 or not pkg:
+        raise CapabilityMissing("generic kernel", f"apt-cache depends {GENERIC_KERNEL_META} names no kernel package "
+                                                  f"(run apt-get update): {deps.stderr.strip()[-200:]}")
+    release = pkg.removeprefix("linux-image-")
+    root = _bench_dir() / f"kernel-{release}"
+    vmlinuz = root / "boot" / f"vmlinuz-{release}"
+    if vmlinuz.is_file():
+        return vmlinuz, release
+    with tempfile.TemporaryDirectory(prefix=".kernel-", dir=_bench_dir()) as tmp:
+        # apt-get download as root warns that _apt cannot write here: harmless.
+        subprocess.run(["apt-get", "download", "-q", pkg], cwd=tmp, check=True, capture_output=True, timeout=600)
+        deb = next(Path(tmp).glob("*.deb"))
+        stage = Path(tmp) / "root"
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(stage)], check=True, capture_output=True, timeout=300)
+        shutil.rmtree(root, ignore_errors=True)
+        stage.rename(root)  # last: a half-unpacked kernel never looks ready
+    return vmlinuz, release
+
+
+def virtme_ng() -> Path:
+    """``vng`` from PyPI in its own venv under the cache (not a project dependency)."""
+    venv = _bench_dir() / f"vng-{VNG_VERSION}"
+    vng, done = venv / "bin" / "vng", venv / ".nestbed-complete"
+    missing = [f"{tool} (apt-get install {pkg})" for tool, pkg in VNG_HOST_TOOLS.items() if shutil.which(tool) is None]
+    if missing:
+        raise CapabilityMissing("virtme-ng", f"vng needs {', '.join(missing)} on the host")
+    if done.is_file():
+        return vng
+    # A venv's scripts name their interpreter by absolute path, so it is built in place and
+    # marked complete last: an interrupted install is redone, never used.
+    shutil.rmtree(venv, ignore_errors=True)
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=120)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", f"virtme-ng=={VNG_VERSION}"], check=True,
+                       capture_output=True, timeout=600)
+    except subprocess.CalledProcessError as exc:
+        raise HarnessError(f"bench: cannot install virtme-ng {VNG_VERSION} into {venv}: "
+                           f"{exc.stderr.decode(errors='replace').strip()[-300:]}") from None
+    done.write_text(VNG_VERSION)
+    return vng
+
+
+def _timed_output(argv: list[str], expect: str, env: dict[str, str] | None = None) -> float:
+    """Seconds for *argv*; it must print *expect* (its exit status is not trusted: see vng below)."""
+    started = time.monotonic()
+    proc = subprocess.run(argv, capture_output=True, timeout=RUN_TIMEOUT, stdin=subprocess.DEVNULL, cwd=REPO_ROOT,
+                          env=env)
+    elapsed = time.monotonic() - started
+    if expect not in proc.stdout.decode(errors="replace"):
+        raise HarnessError(f"bench: {' '.join(argv[:6])}... exited {proc.returncode} without printing {expect!r}: "
+                           f"{proc.stderr.decode(errors='replace').strip()[-300:]}")
+    return elapsed
+
+
+@benchmark("virtme-ng")
+def bench_virtme_ng(runs: int) -> dict[str, Any]:
+    """`vng --run KERNEL -- uname -r` vs `nestbed run tiny-x86_64 --kernel KERNEL -- uname -r`, TCG both."""
+    kernel, release = generic_kernel()
+    vng = virtme_ng()
+    env = {**os.environ, "PATH": f"{vng.parent}:{os.environ.get('PATH', '')}"}  # vng runs virtme-run from PATH
+    vng_argv = [str(vng), "--disable-kvm", "--force-9p", "--run", str(kernel), "--", "uname", "-r"]
+    ours = [sys.executable, "-m", "harness", "run", "--accel", "tcg", "tiny-x86_64", "--kernel", str(kernel),
+            "--", "uname", "-r"]
+    images.build("tiny-x86_64")
+    a, b = _side_by_side(lambda: _timed_output(vng_argv, release, env), lambda: _timed_output(ours, release),
+                         runs)
+    result = _ratio("vng", a, "nestbed_run", b, 0.5)
+    result["what"] = (f"boot Debian's generic kernel {release} and run `uname -r`, whole process: virtme-ng "
+                      f"{VNG_VERSION} (`vng --disable-kvm --force-9p --run`, host root over 9p) vs `nestbed run "
+                      "tiny-x86_64 --kernel` (busybox initramfs); vng's exit status is 255 with this kernel "
+                      "(virtio_console is a module, so its status channel is missing): success = the release printed")
+    return result
+
+
+def run_all(runs: int = 7, only: list[str] | None = None, slow: bool = False) -> dict[str, Any]:
     if runs < 5:
         raise UsageError(f"bench: --runs {runs}: at least 5 runs are needed for a median worth reporting")
-    names = only or list(BENCHMARKS)
+    names = only or [n for n in BENCHMARKS if slow or n not in SLOW]
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         raise UsageError(f"bench: unknown benchmark(s) {', '.join(unknown)} (known: {', '.join(BENCHMARKS)})")
@@ -164,13 +388,22 @@ def run_all(runs: int = 7, only: list[str] | None = None) -> dict[str, Any]:
 
 def _headline(name: str, r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """(measurement, median, comparison, target) rows for one benchmark."""
+    met = "met" if r.get("meets_target") else "missed"
+    if "hops" in r:  # harness.diskfmt.bench_hops: one comparison per hop
+        return [(f"{name}: {h['from']} -> {h['hop']}", f"{h['nestbed']['median']:.2f} s",
+                 f"bare {h['bare']['median']:.2f} s, ratio {h['ratio'] or 0:.3f}; verify {h['verify']['median']:.2f} s",
+                 f"<= {r['target']} ({'met' if h['meets_target'] else 'missed'})") for h in r["hops"]]
     if "ratio" in r:
         keys = [k for k in r if isinstance(r[k], dict) and "median" in r[k]]
         a, b = keys[0], keys[1]
-        met = "met" if r.get("meets_target") else "missed"
-        return [(f"{name}: {a}", f"{r[a]['median']:.2f} s", "", ""),
-                (f"{name}: {b}", f"{r[b]['median']:.2f} s", f"ratio {r['ratio']:.3f}",
-                 f"<= {r['target']} ({met})" if "target" in r else "")]
+        target = f"<= {r['target']} ({met})" if "target" in r else \
+            f"<= {r['target_seconds']} s ({met})" if "target_seconds" in r else ""
+        rows = [(f"{name}: {a}", f"{r[a]['median']:.2f} s", "", ""),
+                (f"{name}: {b}", f"{r[b]['median']:.2f} s", f"ratio {r['ratio']:.3f}", target)]
+        # Further figures (e.g. the phases of a reset) as detail rows.
+        rows += [(f"{name}: {k}", f"{r[k]['median']:.2f} s", f"min {r[k]['min']:.2f} / max {r[k]['max']:.2f}", "")
+                 for k in keys[2:]]
+        return rows
     rows = []
     targets = r.get("targets", {})
     for key, val in r.items():

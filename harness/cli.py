@@ -108,7 +108,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from harness import bench
 
-    results = bench.run_all(runs=args.runs, only=args.only)
+    results = bench.run_all(runs=args.runs, only=args.only, slow=args.slow)
     if args.json:
         _print_json(results)
     else:
@@ -214,7 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     bp2 = sub.add_parser("bench", help="benchmarks, side by side, medians; optionally write BENCHMARKS.md")
     bp2.add_argument("--json", action="store_true")
     bp2.add_argument("--runs", type=int, default=7, help="runs per measurement (default 7, at least 5)")
-    bp2.add_argument("--only", action="append", metavar="NAME", help="run only this benchmark (repeatable)")
+    bp2.add_argument("--only", action="append", metavar="NAME",
+                     help="run only this benchmark (repeatable): boot-tiny-x86_64, boot-tiny-i386, debian-ssh-ready, "
+                          "nested-level-2, reset, hops, virtme-ng, and the slow ones reset-l2, smoke-tier")
+    bp2.add_argument("--slow", action="store_true",
+                     help="also run the slow benchmarks (smoke-tier: minutes per run, one run per side; reset-l2)")
     bp2.add_argument("--write", metavar="FILE", help="write the results as Markdown to FILE")
     bp2.set_defaults(func=cmd_bench)
 

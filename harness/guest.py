@@ -70,6 +70,9 @@ def spec_for(image: Image, opts: BootOptions, token: str) -> MachineSpec:
     # is a VM exit, and under nested KVM on TCG that made boots twice as slow (measured:
     # debian L2 ready 32 s -> 16 s).  Panics still show; append "loglevel=7" for everything.
     append = ["console=ttyS0", "loglevel=4", "panic=-1", f"nestbed.token={token}"]
+    # no_timer_check: on a loaded host a TCG guest's IO-APIC timer check can miss its ticks and
+    # panic ("IO-APIC + timer doesn't work!"), seen with Debian's generic kernel under load.
+    append.append("no_timer_check")
     if r.kind is Kind.TINY:
         append.append("rdinit=/init")
     append += image.manifest.get("append", [])
@@ -111,6 +114,7 @@ class Guest:
         self._host: Any = None
         self.reset_tag: str | None = None  # the snapshot Guest.reset() loads (harness.reset)
         self.resets = 0
+        self.last_reset: dict[str, float] = {}  # seconds per phase of the latest reset (loadvm, serial, ssh)
 
     def connect_ssh(self, *, timeout: float = 60.0) -> SSHTransport:
         """SSH to the guest (key auth, host key pinned to the one recorded at build time)."""

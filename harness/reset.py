@@ -161,10 +161,15 @@ def reset_guest(guest: Guest, *, timeout: float = SNAPSHOT_TIMEOUT) -> float:
         guest._ssh = None
     guest._host = None  # testinfra's Host holds the old transport
     guest.transport = guest.serial
-    load(guest.machine, guest.reset_tag, timeout=timeout)
+    phases = {"loadvm": load(guest.machine, guest.reset_tag, timeout=timeout)}
+    mark = time.monotonic()
     resync(guest.machine, timeout=min(timeout, RESYNC_TIMEOUT))  # ConsoleTimeout carries the serial tail
+    phases["serial"] = time.monotonic() - mark
     guest.serial.broken = None  # the shell a timed-out command wedged is back at its prompt
     if over_ssh:
+        mark = time.monotonic()
         guest.transport = guest.connect_ssh()
+        phases["ssh"] = time.monotonic() - mark
     guest.resets += 1
+    guest.last_reset = phases
     return time.monotonic() - started
