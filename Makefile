@@ -19,9 +19,11 @@ test: setup lint
 unit: setup
 	$(PY) -m pytest tests -m "not boot" $(PYTEST_ARGS)
 
-# The main job: until the report lands, the smoke scenarios (serial log paths of failures in the output).
+# The main job: the smoke tier in parallel, into reports/<UTC timestamp>-<host>/ (report.json, junit.xml,
+# index.html, summary.md); prints the path of index.html at the end.  REPORT_ARGS: e.g. "-n 1" or "--tier nightly".
+REPORT_ARGS ?=
 report: setup
-	$(PY) -m pytest scenarios -m smoke -p no:cacheprovider -v $(PYTEST_ARGS)
+	.venv/bin/nestbed report --tier smoke $(REPORT_ARGS) $(if $(strip $(PYTEST_ARGS)),-- $(PYTEST_ARGS))
 
 bench: setup
 	.venv/bin/nestbed bench --write BENCHMARKS.md

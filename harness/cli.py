@@ -222,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     bp2.add_argument("--write", metavar="FILE", help="write the results as Markdown to FILE")
     bp2.set_defaults(func=cmd_bench)
 
+    from harness import report_cli  # `report` (run, merge, diff) and `matrix`: harness/report_cli.py
+
+    report_cli.add_parsers(sub, _Parser)
+
     sk = sub.add_parser("soak", help="repeat a scenario tier and report flaky tests (exit 1 if any test flaked "
                                      "or failed, or a run gave no results)")
     sk.add_argument("--runs", type=int, default=10, metavar="N", help="how many times (default 10)")

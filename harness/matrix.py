@@ -1,0 +1,375 @@
+"""The scenario matrix: axes, include/exclude rules, tiers and shards (``scenarios/matrix.toml``).
+
+A *cell* is one collected scenario test: its node id, its parametrization (``item.callspec.params``)
+and its markers.  The matrix never asks scenario files for anything: a cell's *coordinates*
+(one value per axis) come from the parameter names the axes list (``arch``, ``level``, ``via``,
+``firmware``, ``chain``, ...), from ``[[assign]]`` rules matched on the node id for cells whose
+parameters do not say (``test_nested.py`` is level 2), and from the axis default.
+
+Tiers select cells by marker (``smoke``, ``nightly``) or all cells (``full``); ``[[include]]``
+adds cells to tiers, ``[[exclude]]`` removes them (with a reason), and sharding splits a tier's
+cells into N deterministic parts.  Pure: no pytest here (``fixtures/reporting.py`` applies it in
+a collection hook), so the same code answers ``nestbed matrix``.
+
+Format (every key is checked; an unknown key or a wrong type is a one-line
+``MatrixError(file, key, reason)``)::
+
+    version = 1
+    [axes.arch]                       # one table per axis
+    params = ["arch"]                 # parameter names that carry its value
+    values = ["x86_64", "i386"]       # allowed values in rules (optional)
+    default = "x86_64"                # for cells that do not say (optional)
+    [[assign]]                        # coordinates by node id (glob)
+    match = "*/test_nested.py::*"
+    level = "2"
+    [[exclude]]
+    arch = "i386"                     # a value or a list of values
+    level = "2"
+    tiers = ["nightly"]               # optional: the tiers this rule applies to (default: all)
+    reason = "why"
+    [tiers.nightly]
+    markers = ["smoke", "nightly"]    # cells with any of these markers (or all = true)
+    shards = 4                        # how many CI jobs run this tier
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import tomllib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.errors import RecipeError, UsageError
+
+MATRIX_VERSION = 1
+RULE_KINDS = ("assign", "include", "exclude")
+# Arch suffixes of image names: the `guest` fixture's indirect parameter names an image, not an arch.
+_IMAGE_ARCHES = ("x86_64", "i386")
+
+
+class MatrixError(RecipeError):
+    """A bad matrix file: ``file: key: reason`` on one line."""
+
+
+@dataclass(frozen=True)
+class Axis:
+    name: str
+    params: tuple[str, ...]
+    values: tuple[str, ...] = ()
+    default: str | None = None
+
+
+@dataclass(frozen=True)
+class Rule:
+    """An assign/include/exclude rule: conditions on coordinates and node ids."""
+
+    kind: str
+    index: int
+    where: Mapping[str, tuple[str, ...]]   # axis -> accepted values (for assign: the values to set)
+    match: tuple[str, ...] = ()
+    tiers: tuple[str, ...] = ()
+    reason: str = ""
+
+    def applies_to_tier(self, tier: str | None) -> bool:
+        return not self.tiers or (tier is not None and tier in self.tiers)
+
+    def matches(self, nodeid: str, coords: Mapping[str, str | None]) -> bool:
+        if self.match and not any(fnmatch.fnmatchcase(nodeid, pat) for pat in self.match):
+            return False
+        return all(coords.get(axis) in values for axis, values in self.where.items())
+
+
+@dataclass(frozen=True)
+class Tier:
+    name: str
+    markers: tuple[str, ...] = ()
+    all: bool = False
+    shards: int = 1
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """A parsed, validated matrix file (frozen data; selection is done by the functions below)."""
+
+    path: str
+    axes: Mapping[str, Axis]
+    tiers: Mapping[str, Tier]
+    rules: tuple[Rule, ...] = ()
+
+    def rules_of(self, kind: str) -> list[Rule]:
+        return [r for r in self.rules if r.kind == kind]
+
+    def tier(self, name: str) -> Tier:
+        if name not in self.tiers:
+            raise UsageError(f"{self.path}: no tier {name!r} (tiers: {', '.join(self.tiers)})")
+        return self.tiers[name]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One collected scenario test, as the matrix sees it."""
+
+    nodeid: str
+    params: Mapping[str, str] = field(default_factory=dict)
+    markers: frozenset[str] = frozenset()
+    group: str = ""  # cells with the same group land in the same shard (module-scoped L1s)
+
+
+@dataclass(frozen=True)
+class Selection:
+    selected: list[tuple[Cell, dict[str, str | None]]]
+    deselected: list[tuple[Cell, str]]  # (cell, why)
+
+
+# --- parsing -------------------------------------------------------------------------------
+
+def _str_list(file: str, key: str, value: Any, *, allow_scalar: bool = True) -> tuple[str, ...]:
+    if isinstance(value, bool):
+        raise MatrixError(file, key, f"expected a string or list of strings, got {value!r}")
+    if isinstance(value, (str, int)) and allow_scalar:
+        return (str(value),)
+    if isinstance(value, list) and all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value):
+        return tuple(str(v) for v in value)
+    want = "a string or list of strings" if allow_scalar else "a list of strings"
+    raise MatrixError(file, key, f"expected {want}, got {type(value).__name__} {value!r}")
+
+
+def _check_keys(file: str, where: str, table: Mapping[str, Any], allowed: Iterable[str]) -> None:
+    allowed = set(allowed)
+    for key in table:
+        if key not in allowed:
+            raise MatrixError(file, f"{where}.{key}" if where else key,
+                              f"unknown key (allowed: {', '.join(sorted(allowed))})")
+
+
+def _table(file: str, key: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise MatrixError(file, key, f"expected a table, got {type(value).__name__}")
+    return value
+
+
+def parse_matrix(text: str, file: str = "<matrix>") -> Matrix:
+    """Parse and validate matrix TOML text; raises :class:`MatrixError` on the first problem."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise MatrixError(file, "-", f"not valid TOML: {exc}") from None
+    _check_keys(file, "", data, ["version", "axes", "tiers", *RULE_KINDS])
+    version = data.get("version")
+    if version != MATRIX_VERSION:
+        raise MatrixError(file, "version", f"expected {MATRIX_VERSION}, got {version!r}")
+
+    axes: dict[str, Axis] = {}
+    for name, raw in _table(file, "axes", data.get("axes", {})).items():
+        where = f"axes.{name}"
+        tbl = _table(file, where, raw)
+        _check_keys(file, where, tbl, ["params", "values", "default"])
+        if "params" not in tbl:
+            raise MatrixError(file, f"{where}.params", "missing (the parameter names that carry this axis)")
+        params = _str_list(file, f"{where}.params", tbl["params"], allow_scalar=False)
+        values = _str_list(file, f"{where}.values", tbl.get("values", []), allow_scalar=False)
+        default = tbl.get("default")
+        if default is not None:
+            if not isinstance(default, (str, int)) or isinstance(default, bool):
+                raise MatrixError(file, f"{where}.default", f"expected a string, got {default!r}")
+            default = str(default)
+            if values and default not in values:
+                raise MatrixError(file, f"{where}.default", f"{default!r} is not one of {list(values)}")
+        axes[name] = Axis(name, params, values, default)
+    if not axes:
+        raise MatrixError(file, "axes", "no axes defined")
+
+    tiers: dict[str, Tier] = {}
+    for name, raw in _table(file, "tiers", data.get("tiers", {})).items():
+        where = f"tiers.{name}"
+        tbl = _table(file, where, raw)
+        _check_keys(file, where, tbl, ["markers", "all", "shards"])
+        markers = _str_list(file, f"{where}.markers", tbl.get("markers", []), allow_scalar=False)
+        every = tbl.get("all", False)
+        if not isinstance(every, bool):
+            raise MatrixError(file, f"{where}.all", f"expected true or false, got {every!r}")
+        shards = tbl.get("shards", 1)
+        if not isinstance(shards, int) or isinstance(shards, bool) or shards < 1:
+            raise MatrixError(file, f"{where}.shards", f"expected a positive integer, got {shards!r}")
+        if not markers and not every:
+            raise MatrixError(file, where, "selects nothing: give markers = [...] or all = true")
+        tiers[name] = Tier(name, markers, every, shards)
+    if not tiers:
+        raise MatrixError(file, "tiers", "no tiers defined")
+
+    rules: list[Rule] = []
+    for kind in RULE_KINDS:
+        raw_rules = data.get(kind, [])
+        if not isinstance(raw_rules, list):
+            raise MatrixError(file, kind, f"expected an array of tables ([[{kind}]]), got {type(raw_rules).__name__}")
+        for i, raw in enumerate(raw_rules):
+            where = f"{kind}[{i}]"
+            tbl = _table(file, where, raw)
+            extra = ["match", "reason"] + (["tiers"] if kind != "assign" else [])
+            _check_keys(file, where, tbl, [*axes, *extra])
+            cond: dict[str, tuple[str, ...]] = {}
+            for axis_name in axes:
+                if axis_name not in tbl:
+                    continue
+                vals = _str_list(file, f"{where}.{axis_name}", tbl[axis_name], allow_scalar=True)
+                if kind == "assign" and len(vals) != 1:
+                    raise MatrixError(file, f"{where}.{axis_name}", "assign sets one value")
+                known = axes[axis_name].values
+                for v in vals:
+                    if known and v not in known:
+                        raise MatrixError(file, f"{where}.{axis_name}", f"{v!r} is not one of {list(known)}")
+                cond[axis_name] = vals
+            match = _str_list(file, f"{where}.match", tbl.get("match", []))
+            rule_tiers = _str_list(file, f"{where}.tiers", tbl.get("tiers", []), allow_scalar=False)
+            for t in rule_tiers:
+                if t not in tiers:
+                    raise MatrixError(file, f"{where}.tiers", f"unknown tier {t!r} (tiers: {', '.join(tiers)})")
+            reason = tbl.get("reason", "")
+            if not isinstance(reason, str):
+                raise MatrixError(file, f"{where}.reason", f"expected a string, got {reason!r}")
+            if kind == "assign" and (not match or not cond):
+                raise MatrixError(file, where, "assign needs match = ... and at least one axis value to set")
+            if kind != "assign" and not match and not cond:
+                raise MatrixError(file, where, "no condition: this rule would match every cell")
+            if kind == "exclude" and not reason:
+                raise MatrixError(file, f"{where}.reason", "missing: say why these cells are excluded")
+            rules.append(Rule(kind, i, cond, match, rule_tiers, reason))
+    return Matrix(file, axes, tiers, tuple(rules))
+
+
+def load_matrix(path: Path | str) -> Matrix:
+    """Read and validate a matrix file."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise MatrixError(str(p), "-", f"cannot read: {exc.strerror or exc}") from None
+    return parse_matrix(text, str(p))
+
+
+# --- cells and coordinates ----------------------------------------------------------------
+
+def flatten_params(params: Mapping[str, Any]) -> dict[str, str]:
+    """Parameters as strings; the ``guest`` fixture's ``(image, via)`` also gives ``image``, ``via``, ``arch``."""
+    flat: dict[str, str] = {}
+    for name, value in params.items():
+        if name == "guest":
+            image, via = (value[0], value[1]) if isinstance(value, (tuple, list)) and len(value) == 2 else (value, None)
+            flat["guest"] = f"{image}-{via}" if via else str(image)
+            flat.setdefault("image", str(image))
+            if via:
+                flat.setdefault("via", str(via))
+            for arch in _IMAGE_ARCHES:
+                if str(image).endswith(f"-{arch}"):
+                    flat.setdefault("arch", arch)
+            continue
+        if isinstance(value, (tuple, list)):
+            flat[name] = "-".join(str(v) for v in value)
+        elif hasattr(value, "value") and isinstance(getattr(value, "value", None), (str, int)):
+            flat[name] = str(value.value)  # enums (Arch.I386 -> "i386")
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def coordinates(matrix: Matrix, cell: Cell) -> dict[str, str | None]:
+    """The cell's value on every axis: from its parameters, else ``[[assign]]`` rules, else the default."""
+    coords: dict[str, str | None] = {}
+    assigned: dict[str, str] = {}
+    for rule in matrix.rules_of("assign"):
+        if any(fnmatch.fnmatchcase(cell.nodeid, pat) for pat in rule.match):  # its axis values are what it sets
+            assigned.update({axis: vals[0] for axis, vals in rule.where.items()})
+    for axis in matrix.axes.values():
+        value = next((cell.params[p] for p in axis.params if p in cell.params), None)
+        if value is None:
+            value = assigned.get(axis.name, axis.default)
+        coords[axis.name] = value
+    return coords
+
+
+def config_label(params: Mapping[str, str]) -> str:
+    """A short name for a cell's configuration: ``debian-x86_64-ssh``, ``vcpus=2``, ``default``."""
+    parts = []
+    for name, value in params.items():
+        if name in ("image", "arch") and "guest" in params:
+            continue
+        if name == "via" and "guest" in params:
+            continue
+        parts.append(value if name == "guest" else f"{name}={value}")
+    return " ".join(parts) or "default"
+
+
+def select(matrix: Matrix | None, cells: Sequence[Cell], tier: str | None) -> Selection:
+    """Apply a tier (markers, includes) and the excludes; keeps the cells' order."""
+    t = matrix.tier(tier) if matrix is not None and tier is not None else None
+    selected: list[tuple[Cell, dict[str, str | None]]] = []
+    deselected: list[tuple[Cell, str]] = []
+    for cell in cells:
+        coords = coordinates(matrix, cell) if matrix is not None else {}
+        if matrix is None:
+            selected.append((cell, coords))
+            continue
+        excluded = next((r for r in matrix.rules_of("exclude")
+                         if r.applies_to_tier(tier) and r.matches(cell.nodeid, coords)), None)
+        if excluded is not None:
+            deselected.append((cell, f"matrix exclude[{excluded.index}]: {excluded.reason}"))
+            continue
+        if t is not None and not t.all and not (cell.markers & set(t.markers)):
+            included = any(r.applies_to_tier(tier) and r.matches(cell.nodeid, coords)
+                           for r in matrix.rules_of("include"))
+            if not included:
+                deselected.append((cell, f"not in tier {tier!r}"))
+                continue
+        selected.append((cell, coords))
+    return Selection(selected, deselected)
+
+
+# --- sharding ------------------------------------------------------------------------------
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"2/4"`` -> ``(2, 4)`` (1-based); a clear UsageError otherwise."""
+    try:
+        i_text, n_text = text.split("/")
+        i, n = int(i_text), int(n_text)
+    except ValueError:
+        raise UsageError(f"--shard {text!r}: expected I/N, e.g. 2/4") from None
+    if n < 1 or not 1 <= i <= n:
+        raise UsageError(f"--shard {text!r}: need 1 <= I <= N")
+    return i, n
+
+
+def shard(cells: Sequence[Cell], count: int, *, group: Callable[[Cell], str] | None = None) -> list[list[Cell]]:
+    """Split *cells* into *count* shards; every cell lands in exactly one.
+
+    Deterministic for a given set of node ids: cells of one group (a module whose tests share an
+    L1) stay together; groups go, largest first (ties by node id), to the shard with the fewest
+    cells so far (ties: the lowest index).  Within a shard the collection order is kept.
+    """
+    if count < 1:
+        raise UsageError(f"shard count must be at least 1, got {count}")
+    key = group or (lambda c: c.group or c.nodeid)
+    groups: dict[str, list[int]] = {}
+    for idx, cell in enumerate(cells):
+        groups.setdefault(key(cell), []).append(idx)
+    order = sorted(groups.items(), key=lambda kv: (-len(kv[1]), min(cells[i].nodeid for i in kv[1])))
+    loads = [0] * count
+    owner: dict[int, int] = {}
+    for _, members in order:
+        target = min(range(count), key=lambda s: (loads[s], s))
+        loads[target] += len(members)
+        for i in members:
+            owner[i] = target
+    out: list[list[Cell]] = [[] for _ in range(count)]
+    for idx, cell in enumerate(cells):
+        out[owner[idx]].append(cell)
+    return out
+
+
+def github_matrix(matrix: Matrix, tier: str, shards: int | None = None) -> dict[str, Any]:
+    """A GitHub Actions ``strategy.matrix`` object: one include entry per shard of *tier*."""
+    n = shards if shards is not None else matrix.tier(tier).shards
+    if n < 1:
+        raise UsageError(f"--shards must be at least 1, got {n}")
+    return {"include": [{"tier": tier, "shard": f"{i}/{n}", "index": i, "total": n} for i in range(1, n + 1)]}

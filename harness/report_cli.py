@@ -1,0 +1,260 @@
+"""``nestbed report`` (run the scenarios, write a report), ``report merge``, ``report diff`` and ``nestbed matrix``.
+
+Kept out of :mod:`harness.cli` so that file only wires the subcommands in (:func:`add_parsers`).
+Exit statuses follow the CLI's: 0 all good; 1 a cell failed (``report``) or a regression
+(``report diff``); 125 nestbed itself failed or bad input (one line ``nestbed: error: ...``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import harness
+from harness import matrix as mx
+from harness import report as rp
+from harness.errors import HarnessError, UsageError
+
+REPO = Path(harness.__file__).resolve().parent.parent
+SCENARIOS = REPO / "scenarios"
+DEFAULT_MATRIX = SCENARIOS / "matrix.toml"
+DEFAULT_REPORTS = REPO / "reports"
+DEFAULT_MAX_TIME = 6 * 3600.0     # a whole nightly shard; pytest-timeout bounds each test on its own
+STOP_GRACE = 120.0                # after SIGINT pytest still shuts guests down and writes the report
+COLLECT_TIMEOUT = 300.0
+
+
+def add_parsers(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:
+    """Add ``report`` (with ``merge``, ``diff``) and ``matrix`` to the CLI's subparsers."""
+    p = sub.add_parser("report", help="run the scenario matrix in parallel and write a report (or merge/diff reports)",
+                       usage="nestbed report [--tier T] [--shard I/N] [-n auto|N] [--out DIR] [-- PYTEST-ARGS...]\n"
+                             "       nestbed report merge DIR... -o DIR\n       nestbed report diff OLD NEW")
+    p.add_argument("--tier", default="smoke", help="matrix tier: smoke (default), nightly, full")
+    p.add_argument("--shard", metavar="I/N", help="run only shard I of N (CI jobs)")
+    p.add_argument("-n", "--numprocesses", default="auto", metavar="auto|N",
+                   help="pytest-xdist workers (default auto; 0 runs in one process)")
+    p.add_argument("--out", metavar="DIR", help="report directory (default reports/<UTC timestamp>-<host>)")
+    p.add_argument("--matrix", metavar="FILE", help=f"matrix file (default {DEFAULT_MATRIX.relative_to(REPO)})")
+    p.add_argument("--max-time", type=float, default=DEFAULT_MAX_TIME, metavar="S",
+                   help=f"stop the run after S seconds (default {DEFAULT_MAX_TIME:.0f})")
+    p.set_defaults(command=None, func=cmd_report, report_command=None)
+    rsub = p.add_subparsers(dest="report_command", parser_class=parser_class, metavar="{merge,diff}")
+    mp = rsub.add_parser("merge", help="merge reports of many hosts (or shards) into one fleet grid")
+    mp.add_argument("reports", nargs="+", metavar="DIR", help="report directories (or report.json/fleet.json files)")
+    mp.add_argument("-o", "--output", required=True, metavar="DIR", help="where fleet.json, index.html, summary.md go")
+    mp.set_defaults(func=cmd_report_merge, command="absent")
+    dp = rsub.add_parser("diff", help="outcome changes from OLD to NEW; exit 1 on a regression")
+    dp.add_argument("old", metavar="OLD")
+    dp.add_argument("new", metavar="NEW")
+    dp.add_argument("--json", action="store_true")
+    dp.set_defaults(func=cmd_report_diff, command="absent")
+
+    m = sub.add_parser("matrix", help="a matrix tier's shards (json: with their cells; github: a strategy.matrix)")
+    m.add_argument("--tier", required=True)
+    m.add_argument("--format", choices=["json", "github"], default="json")
+    m.add_argument("--shards", type=int, metavar="N", help="shard count (default: the tier's `shards`)")
+    m.add_argument("--matrix", metavar="FILE", help=f"matrix file (default {DEFAULT_MATRIX.relative_to(REPO)})")
+    m.set_defaults(func=cmd_matrix)
+
+
+# --- nestbed matrix ------------------------------------------------------------------------
+
+def collect_cells(matrix_path: Path, tier: str) -> dict[str, Any]:
+    """The tier's cells as the scenarios' collection hook selects them (``pytest --collect-only``)."""
+    with tempfile.TemporaryDirectory(prefix="nestbed-matrix-") as tmp:
+        listing = Path(tmp) / "cells.json"
+        argv = [sys.executable, "-m", "pytest", str(SCENARIOS.relative_to(REPO)), "--collect-only", "-q",
+                "-p", "no:cacheprovider", "--nestbed-matrix", str(matrix_path), "--nestbed-tier", tier,
+                "--nestbed-list-cells", str(listing)]
+        try:
+            proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=COLLECT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise HarnessError(f"matrix: collecting the scenarios took over {COLLECT_TIMEOUT:.0f} s") from None
+        if not listing.is_file():
+            errors = [ln for ln in (proc.stderr + proc.stdout).splitlines() if "rror" in ln] or ["no output"]
+            raise HarnessError(f"matrix: collecting the scenarios failed (pytest exit {proc.returncode}): {errors[0]}")
+        data: dict[str, Any] = json.loads(listing.read_text())
+        return data
+
+
+def cmd_matrix(args: argparse.Namespace) -> int:
+    path = Path(args.matrix) if args.matrix else DEFAULT_MATRIX
+    matrix = mx.load_matrix(path)
+    gh = mx.github_matrix(matrix, args.tier, args.shards)
+    if args.format == "github":
+        print(json.dumps(gh, separators=(",", ":")))
+        return 0
+    listing = collect_cells(path, args.tier)
+    cells = [mx.Cell(c["nodeid"], c["params"], frozenset(c["markers"]), c["group"]) for c in listing["cells"]]
+    n = len(gh["include"])
+    coords = {c["nodeid"]: c["coords"] for c in listing["cells"]}
+    shards = mx.shard(cells, n)
+    print(json.dumps({
+        "matrix": str(path), "tier": args.tier, "shard_count": n, "cells": len(cells),
+        "shards": [{"shard": f"{i}/{n}", "cells": [{"nodeid": c.nodeid, "coords": coords[c.nodeid]} for c in part]}
+                   for i, part in enumerate(shards, 1)],
+        "excluded": listing["excluded"], "github": gh}, indent=2))
+    return 0
+
+
+# --- nestbed report ------------------------------------------------------------------------
+
+def pytest_argv(args: argparse.Namespace, out: Path, matrix_path: Path, extra: list[str]) -> list[str]:
+    """The pytest command line a report run uses (pure: tested)."""
+    argv = [sys.executable, "-m", "pytest", str(SCENARIOS.relative_to(REPO)), "-v", "-p", "no:cacheprovider",
+            "--junitxml", str(out / "junit.xml"), "--nestbed-report", str(out),
+            "--nestbed-log-dir", str(out / "logs"), "--nestbed-matrix", str(matrix_path),
+            "--nestbed-tier", args.tier]
+    if args.shard:
+        argv += ["--nestbed-shard", args.shard]
+    if str(args.numprocesses) != "0":
+        # loadscope: a module's tests (sharing a module-scoped L1) stay on one worker.
+        argv += ["-n", str(args.numprocesses), "--dist", "loadscope"]
+    return argv + extra
+
+
+def _check_numprocesses(value: str) -> None:
+    if value != "auto" and not (value.isdigit()):
+        raise UsageError(f"report: -n {value!r}: expected auto or a number")
+
+
+class _ProgressTail:
+    """Follows DIR/progress.jsonl (written by the plugin in pytest's controller) into a CellProgress."""
+
+    def __init__(self, path: Path, bar: Any) -> None:
+        self.path, self.bar, self.offset, self.partial = path, bar, 0, ""
+        self.report: str | None = None
+
+    def poll(self) -> None:
+        try:
+            with open(self.path) as f:
+                f.seek(self.offset)
+                chunk = f.read()
+                self.offset = f.tell()
+        except OSError:
+            return
+        data = self.partial + chunk
+        lines = data.split("\n")
+        self.partial = lines.pop()
+        for line in lines:
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            kind = ev.get("event")
+            if kind == "total":
+                self.bar.set_total(int(ev["n"]))
+            elif kind == "start":
+                self.bar.started(ev["nodeid"])
+            elif kind == "done":
+                self.bar.finished(ev["nodeid"], ev["outcome"], ev.get("seconds"))
+            elif kind == "end":
+                self.report = ev.get("report")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGINT first: pytest then finishes its teardowns (guests shut down) and still writes the report."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=STOP_GRACE)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from harness.progress import CellProgress
+
+    _check_numprocesses(str(args.numprocesses))
+    matrix_path = Path(args.matrix).resolve() if args.matrix else DEFAULT_MATRIX
+    matrix = mx.load_matrix(matrix_path)  # a bad matrix or tier fails here, in one line, before any boot
+    matrix.tier(args.tier)
+    if args.shard:
+        mx.parse_shard(args.shard)
+    if not SCENARIOS.is_dir():
+        raise UsageError(f"report: no scenarios directory at {SCENARIOS}")
+    out = Path(args.out).resolve() if args.out else rp.default_report_dir(DEFAULT_REPORTS)
+    if (out / "report.json").exists():
+        raise UsageError(f"report: {out} already holds a report (choose another --out)")
+    out.mkdir(parents=True, exist_ok=True)
+    argv = pytest_argv(args, out, matrix_path, list(args.command or []))
+    started = time.monotonic()
+    title = f"{args.tier}" + (f" shard {args.shard}" if args.shard else "")
+    print(f"nestbed: report {title} -> {out} (pytest output: {out / 'pytest.log'})", file=sys.stderr)
+    with open(out / "pytest.log", "wb") as log, CellProgress(title) as bar:
+        tail = _ProgressTail(out / "progress.jsonl", bar)
+        # Same process group: Ctrl-C on the terminal reaches pytest too, which winds down cleanly.
+        proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            while proc.poll() is None:
+                tail.poll()
+                if time.monotonic() - started > args.max_time:
+                    _stop(proc)
+                    raise HarnessError(f"report: stopped after --max-time {args.max_time:.0f} s "
+                                       f"(partial report in {out})")
+                time.sleep(0.5)
+            tail.poll()
+        except BaseException:
+            _stop(proc)
+            tail.poll()
+            raise
+    rc = proc.returncode
+    report_json = out / "report.json"
+    if not report_json.is_file():
+        text = (out / "pytest.log").read_text(errors="replace")
+        errors = [ln for ln in text.splitlines() if ln.startswith(("ERROR", "E  ")) or "Error" in ln]
+        raise HarnessError(f"report: pytest exited {rc} without a report: "
+                           f"{(errors or text.strip().splitlines()[-1:] or ['no output'])[0].strip()} "
+                           f"(see {out / 'pytest.log'})")
+    doc = rp.load(report_json)
+    _print_outcome(doc, out, time.monotonic() - started)
+    if rc == 2 or doc["run"].get("interrupted"):
+        return 130
+    if doc["summary"]["fail"] or doc["summary"]["error"] or rc == 1:
+        return 1
+    return 0 if rc in (0, 5) else 125
+
+
+def _print_outcome(doc: dict[str, Any], out: Path, wall: float) -> None:
+    s = doc["summary"]
+    counts = ", ".join(f"{s[o]} {o}" for o in rp.OUTCOMES if s.get(o)) or "no cells"
+    print(f"nestbed: {s['total']} cells: {counts} in {wall:.0f} s")
+    for c in doc["cells"]:
+        if c["outcome"] in rp.BAD:
+            logs = " ".join(str(out / p) if not os.path.isabs(p) else p for p in c["artifacts"]["serial_logs"])
+            reason = str(c.get("reason") or "").splitlines()[0][:160] if c.get("reason") else ""
+            print(f"  {c['outcome'].upper():5} {c['nodeid']}: {reason}" + (f"\n        serial: {logs}" if logs else ""))
+    print(f"nestbed: report: {out / 'index.html'}")
+
+
+def cmd_report_merge(args: argparse.Namespace) -> int:
+    docs = [rp.load(p) for p in args.reports]
+    fleet = rp.merge(docs)
+    paths = rp.write_fleet(fleet, Path(args.output))
+    s = fleet["summary"]
+    print(f"nestbed: merged {len(docs)} report(s): {len(fleet['hosts'])} host kind(s), {s['total']} cells "
+          f"({s['fail'] + s['error']} failing)")
+    print(f"nestbed: fleet: {paths['html']}")
+    return 0
+
+
+def cmd_report_diff(args: argparse.Namespace) -> int:
+    d = rp.diff(rp.load(args.old), rp.load(args.new))
+    if args.json:
+        from dataclasses import asdict
+
+        print(json.dumps(asdict(d), indent=2))
+    else:
+        print(rp.render_diff(d))
+    return 1 if d.regressions else 0
