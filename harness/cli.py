@@ -85,6 +85,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     command = list(args.command or [])
     if not command:
         raise UsageError("run: no command given (usage: nestbed run IMAGE -- CMD...)")
+    if not 0 < args.timeout <= 86400:  # also refuses nan; checked before anything boots
+        raise UsageError(f"run: --timeout {args.timeout:g} is not a number of seconds in (0, 86400]")
     opts = BootOptions(accel=Accel(args.accel), vcpus=args.vcpus, memory_mb=args.memory,
                        kernel=Path(args.kernel) if args.kernel else None)
     with contextlib.ExitStack() as stack:

@@ -92,7 +92,9 @@ def spec_for(image: Image, opts: BootOptions, token: str) -> MachineSpec:
     cpu = opts.cpu or ("host" if accel is Accel.KVM else None)
     return MachineSpec(
         arch=r.arch, accel=accel, cpu=cpu, cpu_flags=opts.cpu_flags, tcg_threads=opts.tcg_threads,
-        memory_mb=opts.memory_mb or r.memory_mb, vcpus=opts.vcpus or r.vcpus,
+        # "is None", not "or": --vcpus 0 must be refused by the spec, not replaced silently.
+        memory_mb=r.memory_mb if opts.memory_mb is None else opts.memory_mb,
+        vcpus=r.vcpus if opts.vcpus is None else opts.vcpus,
         kernel=kernel, initrd=image.initrd, append=" ".join(append),
         drives=drives, nics=(Nic(forwards=(Forward(22),)),) if image.disk is not None else (),
         extra_args=opts.extra_args, name=r.name,

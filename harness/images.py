@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -115,15 +116,36 @@ def run_step(argv: list[str], *, timeout: float, what: str, cwd: Path | None = N
         raise ImageBuildError(f"{what}: {argv[0]} did not finish within {timeout:g} s") from None
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-        raise ImageBuildError(f"{what}: {argv[0]} exited {proc.returncode}\n{tail}")
+        cause = failure_cause(proc.stdout + proc.stderr)
+        raise ImageBuildError(f"{what}: {argv[0]} exited {proc.returncode}{': ' + cause if cause else ''}\n{tail}")
     return proc
+
+
+# Causes a user can act on, found anywhere in a failed step's output (the last lines of
+# apt's and mmdebstrap's output only say "apt-get ... failed"): they go in the headline.
+FAILURE_CAUSES: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(r"No space left on device"), "no space left on device (is the cache's filesystem full?)"),
+    (re.compile(r"Unable to locate package (\S+)"), "package {0} does not exist in the configured apt sources"),
+    (re.compile(r"Package '?([^' ]+)'? has no installation candidate"), "package {0} has no installation candidate"),
+]
+
+
+def failure_cause(output: str) -> str:
+    """A one-line cause for a failed build step's *output*, or ''."""
+    found: list[str] = []
+    for pattern, text in FAILURE_CAUSES:
+        for m in pattern.finditer(output):
+            line = text.format(*m.groups())
+            if line not in found:
+                found.append(line)
+    return "; ".join(found)
 
 
 def mmdebstrap(recipe: Recipe, target: Path, *, variant: str, include: list[str], work: Path,
                extra: list[str] | None = None) -> None:
     sources = aptsources.write_sources(work / "sources.sources", recipe.suites)
     argv = ["mmdebstrap", f"--variant={variant}", f"--architectures={recipe.arch.debian}",
-            f"--include={','.join(include)}", "--skip=cleanup/apt/cache", "--quiet",
+            f"--include={','.join(include)}", "--skip=cleanup/apt/cache",  # no --quiet: it hides apt's causes
             *(extra or []), recipe.suite, str(target), str(sources)]
     run_step(argv, timeout=MMDEBSTRAP_TIMEOUT, what=f"mmdebstrap ({recipe.name})")
 

@@ -35,6 +35,7 @@ class InitMode(enum.StrEnum):
 _SIZE_RE = re.compile(r"^(\d+)([MG])$")
 _PKG_RE = re.compile(r"^[a-z0-9][a-z0-9+.\-]+(:[a-z0-9]+)?(/[a-z0-9\-]+)?$")
 _SUITE_RE = re.compile(r"^[a-z]+(-[a-z]+)?$")
+MAX_READY_TIMEOUT = 3600.0
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,8 @@ def parse_recipe(path: Path) -> Recipe:
         raise RecipeError(f, "-", f"not valid TOML: {exc}") from None
     except OSError as exc:
         raise RecipeError(f, "-", f"cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f, "-", f"not UTF-8 text (byte {exc.start}): {exc.reason}") from None
     for key in raw:
         if key not in _SCHEMA:
             raise RecipeError(f, key, f"unknown key (known: {', '.join(sorted(_SCHEMA))})")
@@ -157,13 +160,15 @@ def parse_recipe(path: Path) -> Recipe:
                 raise RecipeError(f, key, f"{raw[key]} is outside {lo}..{hi}")
             kw[key] = raw[key]
     if "ready_timeout" in raw:
-        if raw["ready_timeout"] <= 0:
-            raise RecipeError(f, "ready_timeout", "must be positive")
+        # "not 0 < x <= max" also refuses nan; inf would make a hung boot wait forever.
+        if not 0 < raw["ready_timeout"] <= MAX_READY_TIMEOUT:
+            raise RecipeError(f, "ready_timeout", f"must be a number of seconds in (0, {MAX_READY_TIMEOUT:g}], "
+                                                  f"not {raw['ready_timeout']}")
         kw["ready_timeout"] = float(raw["ready_timeout"])
     if "files" in raw:
         for dest, content in raw["files"].items():
-            if not dest.startswith("/") or ".." in dest.split("/"):
-                raise RecipeError(f, f"files.{dest}", "path must be absolute without '..'")
+            if not dest.startswith("/") or dest.endswith("/") or ".." in dest.split("/"):
+                raise RecipeError(f, f"files.{dest}", "path must be absolute without '..' and name a file")
             if not isinstance(content, str):
                 raise RecipeError(f, f"files.{dest}", f"content must be a string, got {type(content).__name__}")
         kw["files"] = dict(raw["files"])

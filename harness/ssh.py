@@ -120,7 +120,13 @@ class SSHTransport(TransportBase):
         out, err = bytearray(), bytearray()
         try:
             if stdin is not None:
-                chan.sendall(stdin)
+                # A guest that stops reading (frozen, hung) must not block us past the deadline.
+                chan.settimeout(max(0.1, deadline - time.monotonic()))
+                try:
+                    chan.sendall(stdin)
+                except TimeoutError:
+                    raise CommandTimedOut(command, timeout) from None
+                chan.settimeout(None)
             chan.shutdown_write()
             while True:
                 if chan.recv_ready():
