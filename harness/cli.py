@@ -148,18 +148,12 @@ def cmd_roundtrip(args: argparse.Namespace) -> int:
             tempfile.TemporaryDirectory(prefix="nestbed-roundtrip-", dir=paths.cache_root())))
         work.mkdir(parents=True, exist_ok=True)
         with StepProgress(f"roundtrip {source.name}") as bar:
-            result = diskfmt.run_chain(source, chain, work, source_format=fmt, progress=bar)
+            result = diskfmt.run_chain(source, chain, work, source_format=fmt, progress=bar, boot=args.boot,
+                                       second_opinion=not args.first_reader_only)
     if args.json:
         _print_json(result)
-        return 0
-    print(f"source {result['source']} ({result['source_format']}, {result['virtual_size']} bytes) "
-          f"sha256 {result['sha256'][:16]}")
-    for hop in result["hops"]:
-        reader = f"{hop['reader']}: {'same data' if hop['reader_hash_matches'] else 'DIFFERENT'}" \
-            if hop["reader"] else "no independent reader"
-        print(f"  {hop['hop']:45} {hop['seconds']:6.2f}s check={hop['check']} compare={hop['compare']} {reader}")
-        for pitfall in hop["pitfalls"]:
-            print(f"      pitfall: {pitfall}")
+    else:
+        print(diskfmt.render_text(result))
     return 0
 
 
@@ -210,7 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="e.g. vmdk:subformat=streamOptimized,vpc:subformat=fixed:force_size=on,vhdx,qcow2,raw")
     tp.add_argument("--format", choices=[f.value for f in DiskFormat], help="SOURCE's format (default: probe)")
     tp.add_argument("--workdir", metavar="DIR", help="keep the hops here (default: a temporary directory)")
-    tp.add_argument("--json", action="store_true")
+    tp.add_argument("--boot", metavar="IMAGE",
+                    help="also boot IMAGE's kernel from every hop as its root disk: check a manifest written into "
+                         "the source's ext4, write to it, power off; the chain goes on from what it wrote")
+    tp.add_argument("--first-reader-only", action="store_true",
+                    help="one independent reader per format (skip the dissect.hypervisor second opinion)")
+    tp.add_argument("--json", action="store_true", help="print the result as JSON (see docs/disk-formats.md)")
     tp.set_defaults(func=cmd_roundtrip)
 
     bp2 = sub.add_parser("bench", help="benchmarks, side by side, medians; optionally write BENCHMARKS.md")

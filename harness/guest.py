@@ -46,6 +46,7 @@ class BootOptions:
     extra_args: tuple[str, ...] = ()
     extra_drives: tuple[Drive, ...] = ()
     root_disk: Drive | None = None  # boot from this disk instead of the image's (e.g. a converted copy)
+    forwards: tuple[int, ...] = ()  # more guest TCP ports to forward from 127.0.0.1 (Guest.machine.host_ports)
     ready_timeout: float | None = None
     reset: bool = False  # snapshot right after the ready marker, so Guest.reset() can return there
 
@@ -96,7 +97,8 @@ def spec_for(image: Image, opts: BootOptions, token: str) -> MachineSpec:
         memory_mb=r.memory_mb if opts.memory_mb is None else opts.memory_mb,
         vcpus=r.vcpus if opts.vcpus is None else opts.vcpus,
         kernel=kernel, initrd=image.initrd, append=" ".join(append),
-        drives=drives, nics=(Nic(forwards=(Forward(22),)),) if image.disk is not None else (),
+        drives=drives, nics=(Nic(forwards=(Forward(22), *(Forward(p) for p in opts.forwards if p != 22))),)
+        if image.disk is not None else (),
         extra_args=opts.extra_args, name=r.name,
     )
 
