@@ -107,13 +107,22 @@ def load(machine: Machine, tag: str = RESET_TAG, *, timeout: float = SNAPSHOT_TI
 
 
 def resync(machine: Machine, *, timeout: float = RESYNC_TIMEOUT) -> None:
-    """Prove the serial shell answers; everything the console held before the marker is dropped.
+    """Prove the serial shell answers; everything the console held before the marker is dropped."""
+    resync_wait(machine, resync_send(machine), timeout=timeout)
+
+
+def resync_send(machine: Machine) -> str:
+    """Type a marker line for the shell to answer; its token.
 
     The leading newline ends any half-typed line the snapshot may hold; the typed text
     never contains the marker verbatim (``%s``), so only the shell's output matches.
     """
     tok = secrets.token_hex(8)
     machine.send(f"\nprintf '\\n%s-r\\n' {tok}\n")
+    return tok
+
+
+def resync_wait(machine: Machine, tok: str, *, timeout: float = RESYNC_TIMEOUT) -> None:
     machine.expect(rf"\n{tok}-r\n", timeout=timeout, what="the serial shell after a reset")
 
 
@@ -163,13 +172,14 @@ def reset_guest(guest: Guest, *, timeout: float = SNAPSHOT_TIMEOUT) -> float:
     guest.transport = guest.serial
     phases = {"loadvm": load(guest.machine, guest.reset_tag, timeout=timeout)}
     mark = time.monotonic()
-    resync(guest.machine, timeout=min(timeout, RESYNC_TIMEOUT))  # ConsoleTimeout carries the serial tail
-    phases["serial"] = time.monotonic() - mark
-    guest.serial.broken = None  # the shell a timed-out command wedged is back at its prompt
+    # The shell answers the marker while SSH connects: the two waits overlap.
+    tok = resync_send(guest.machine)
     if over_ssh:
-        mark = time.monotonic()
         guest.transport = guest.connect_ssh()
         phases["ssh"] = time.monotonic() - mark
+    resync_wait(guest.machine, tok, timeout=min(timeout, RESYNC_TIMEOUT))  # ConsoleTimeout has the serial tail
+    phases["serial"] = time.monotonic() - mark
+    guest.serial.broken = None  # the shell a timed-out command wedged is back at its prompt
     guest.resets += 1
     guest.last_reset = phases
     return time.monotonic() - started
