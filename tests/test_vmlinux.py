@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gzip
 import lzma
+import shutil
 import struct
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -55,9 +57,10 @@ def test_decompress_reads_xz_and_gzip(pack: object) -> None:
     assert decompress(pack(b"vmlinux")) == b"vmlinux"
 
 
-def test_decompress_declines_lz4_and_garbage() -> None:
-    assert decompress(b"\x02\x21\x4c\x18" + bytes(32)) is None  # LZ4 legacy, as the cloud kernels use
+def test_decompress_declines_garbage() -> None:
+    assert decompress(b"\x02\x21\x4c\x18" + bytes(32)) is None  # LZ4 legacy magic, then no valid data
     assert decompress(b"\xfd7zXZ\x00 truncated") is None
+    assert decompress(b"plain") is None
 
 
 def test_pvh_note_is_detected() -> None:
@@ -85,3 +88,13 @@ def test_fast_kernel_keeps_what_it_cannot_improve(cache: Path, tmp_path: Path, b
     kernel.write_bytes(_bzimage(body()))
     assert fast_kernel(kernel) == kernel
     assert fast_kernel(kernel) == kernel  # remembered, still unchanged
+
+
+@pytest.mark.skipif(shutil.which("lz4") is None, reason="no lz4 tool on this host")
+def test_fast_kernel_reads_lz4_legacy_payloads_with_the_lz4_tool(cache: Path, tmp_path: Path) -> None:
+    elf = _elf(pvh=True)
+    packed = subprocess.run(["lz4", "-l", "-c", "-q"], input=elf, capture_output=True, check=True,
+                            timeout=30).stdout  # -l: the legacy frame the kernel's build uses
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(_bzimage(packed))
+    assert fast_kernel(kernel).read_bytes() == elf
