@@ -266,7 +266,7 @@ def flatten_params(params: Mapping[str, Any]) -> dict[str, str]:
                     flat.setdefault("arch", arch)
             continue
         if isinstance(value, (tuple, list)):
-            flat[name] = "-".join(str(v) for v in value)
+            flat[name] = ",".join(str(v) for v in value)
         elif hasattr(value, "value") and isinstance(getattr(value, "value", None), (str, int)):
             flat[name] = str(value.value)  # enums (Arch.I386 -> "i386")
         else:

@@ -43,6 +43,7 @@ def add_parsers(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:
                    help="pytest-xdist workers (default auto; 0 runs in one process)")
     p.add_argument("--out", metavar="DIR", help="report directory (default reports/<UTC timestamp>-<host>)")
     p.add_argument("--matrix", metavar="FILE", help=f"matrix file (default {DEFAULT_MATRIX.relative_to(REPO)})")
+    p.add_argument("--scenarios", metavar="DIR", help="scenario directory (default scenarios/ of this checkout)")
     p.add_argument("--max-time", type=float, default=DEFAULT_MAX_TIME, metavar="S",
                    help=f"stop the run after S seconds (default {DEFAULT_MAX_TIME:.0f})")
     p.set_defaults(command=None, func=cmd_report, report_command=None)
@@ -109,7 +110,9 @@ def cmd_matrix(args: argparse.Namespace) -> int:
 
 def pytest_argv(args: argparse.Namespace, out: Path, matrix_path: Path, extra: list[str]) -> list[str]:
     """The pytest command line a report run uses (pure: tested)."""
-    argv = [sys.executable, "-m", "pytest", str(SCENARIOS.relative_to(REPO)), "-v", "-p", "no:cacheprovider",
+    scenarios = str(Path(args.scenarios).resolve()) if getattr(args, "scenarios", None) else str(
+        SCENARIOS.relative_to(REPO))
+    argv = [sys.executable, "-m", "pytest", scenarios, "-v", "-p", "no:cacheprovider",
             "--junitxml", str(out / "junit.xml"), "--nestbed-report", str(out),
             "--nestbed-log-dir", str(out / "logs"), "--nestbed-matrix", str(matrix_path),
             "--nestbed-tier", args.tier]
@@ -160,10 +163,20 @@ class _ProgressTail:
                 self.report = ev.get("report")
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGINT first: pytest then finishes its teardowns (guests shut down) and still writes the report."""
+def _stop(proc: subprocess.Popen[bytes], *, already_signalled: bool = False) -> None:
+    """SIGINT first: pytest then finishes its teardowns (guests shut down) and still writes the report.
+
+    After a Ctrl-C on the terminal pytest got the SIGINT itself: a second one would cut its teardown
+    short, so then we only wait (and kill if it does not finish in time).
+    """
     if proc.poll() is not None:
         return
+    if already_signalled:
+        try:
+            proc.wait(timeout=STOP_GRACE)
+            return
+        except subprocess.TimeoutExpired:
+            pass
     proc.send_signal(signal.SIGINT)
     try:
         proc.wait(timeout=STOP_GRACE)
@@ -181,8 +194,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     matrix.tier(args.tier)
     if args.shard:
         mx.parse_shard(args.shard)
-    if not SCENARIOS.is_dir():
-        raise UsageError(f"report: no scenarios directory at {SCENARIOS}")
+    scenarios = Path(args.scenarios) if args.scenarios else SCENARIOS
+    if not scenarios.is_dir():
+        raise UsageError(f"report: no scenarios directory at {scenarios}")
     out = Path(args.out).resolve() if args.out else rp.default_report_dir(DEFAULT_REPORTS)
     if (out / "report.json").exists():
         raise UsageError(f"report: {out} already holds a report (choose another --out)")
@@ -191,6 +205,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     started = time.monotonic()
     title = f"{args.tier}" + (f" shard {args.shard}" if args.shard else "")
     print(f"nestbed: report {title} -> {out} (pytest output: {out / 'pytest.log'})", file=sys.stderr)
+    interrupted = False
     with open(out / "pytest.log", "wb") as log, CellProgress(title) as bar:
         tail = _ProgressTail(out / "progress.jsonl", bar)
         # Same process group: Ctrl-C on the terminal reaches pytest too, which winds down cleanly.
@@ -205,11 +220,17 @@ def cmd_report(args: argparse.Namespace) -> int:
                                        f"(partial report in {out})")
                 time.sleep(0.5)
             tail.poll()
+        except KeyboardInterrupt:
+            _stop(proc, already_signalled=True)
+            tail.poll()
+            interrupted = True
         except BaseException:
             _stop(proc)
             tail.poll()
             raise
     rc = proc.returncode
+    if interrupted and not (out / "report.json").is_file():
+        raise KeyboardInterrupt
     report_json = out / "report.json"
     if not report_json.is_file():
         text = (out / "pytest.log").read_text(errors="replace")
@@ -219,7 +240,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                            f"(see {out / 'pytest.log'})")
     doc = rp.load(report_json)
     _print_outcome(doc, out, time.monotonic() - started)
-    if rc == 2 or doc["run"].get("interrupted"):
+    if interrupted or rc == 2 or doc["run"].get("interrupted"):
         return 130
     if doc["summary"]["fail"] or doc["summary"]["error"] or rc == 1:
         return 1

@@ -23,11 +23,18 @@ h1{font-size:1.4em;margin:0 0 .2em} h2{font-size:1.15em;margin:1.6em 0 .5em;bord
 .sub{color:#555;margin-bottom:1em}
 table{border-collapse:collapse} th,td{border:1px solid #ccc;padding:3px 6px;vertical-align:top}
 th{background:#f5f5f5;text-align:left;font-weight:600}
+table.grid td.box{padding:2px;min-width:6em}
+table.grid a.chip{display:block;text-align:center;font-weight:600;color:inherit;text-decoration:none;padding:2px 4px;
+  margin:1px 0;border-radius:3px}
+table.grid a.chip i{display:block;font-style:normal;font-weight:400;font-family:ui-monospace,monospace;font-size:11px;
+  overflow-wrap:anywhere;max-width:16em;margin:0 auto}
+table.grid a.chip small,table.grid td.cell small{display:block;font-weight:400;color:#444}
 table.grid td.cell{text-align:center;min-width:5.5em;font-weight:600}
-table.grid td.cell a{color:inherit;text-decoration:none;display:block}
-table.grid td.cell small{display:block;font-weight:400;color:#444}
 table.grid td.na{background:repeating-linear-gradient(45deg,#fafafa,#fafafa 4px,#f0f0f0 4px,#f0f0f0 8px)}
-table.grid th.col{font-weight:500;font-family:ui-monospace,monospace;font-size:12px}
+table.grid th.col{font-weight:600;font-size:12px;white-space:nowrap}
+table.grid th.scenario{font-weight:600;font-size:12px;font-family:ui-monospace,monospace;max-width:30em;
+  overflow-wrap:anywhere}
+table.grid th.scenario small{display:block;font-weight:400;color:#666}
 table.fleet th.col{writing-mode:vertical-rl;transform:rotate(180deg);max-height:22em;white-space:nowrap}
 .o-pass{background:#c8e6c9}.o-fail{background:#ffcdd2}.o-error{background:#ef9a9a}.o-skip{background:#eceff1;color:#555}
 .o-xfail{background:#ffe0b2}.o-xpass{background:#e1bee7}
@@ -55,7 +62,7 @@ JS = """
       el.classList.toggle('off');
       var o=el.getAttribute('data-o'), off=el.classList.contains('off');
       document.querySelectorAll('details.cell.o-'+o).forEach(function(d){d.classList.toggle('hidden',off)});
-      document.querySelectorAll('td.cell.o-'+o).forEach(function(td){td.style.opacity=off?'0.15':''});
+      document.querySelectorAll('.chip.o-'+o+',td.cell.o-'+o).forEach(function(el){el.style.opacity=off?'0.15':''});
     });
   });
   document.body.setAttribute('data-ready','1');
@@ -74,6 +81,10 @@ def fmt_seconds(s: float | None) -> str:
         return f"{s:.1f} s"
     m, sec = divmod(int(round(s)), 60)
     return f"{m}m {sec:02d}s" if m < 60 else f"{m // 60}h {m % 60:02d}m"
+
+
+def _workers(run: Mapping[str, Any]) -> str:
+    return f"{run['workers']} xdist worker(s)" if run.get("workers") else "one process"
 
 
 def _page(title: str, body: str) -> str:
@@ -124,36 +135,80 @@ def _cell_title(c: Mapping[str, Any]) -> str:
     return "\n".join(bits)
 
 
-def _columns(cells: Iterable[Mapping[str, Any]]) -> tuple[list[str], list[str]]:
+# The grid's columns are the configurations every scenario shares: where the guest under test ran.
+PRIMARY_PARAMS = frozenset({"arch", "level", "via", "guest", "image"})
+
+
+def column_of(cell: Mapping[str, Any]) -> tuple[str, str, str]:
+    """(arch, level, transport) of a cell: from its deepest guest, else its matrix coordinates, else its parameters."""
+    coords, params = cell.get("coords") or {}, cell.get("params") or {}
+    arch = coords.get("arch") or params.get("arch") or "-"
+    level = coords.get("level") or params.get("level") or "-"
+    via = coords.get("transport") or params.get("via") or "-"
+    guests = [g for g in cell.get("guests") or [] if isinstance(g.get("level"), int)]
+    if guests:
+        deepest = max(guests, key=lambda g: g["level"])
+        arch, level = deepest.get("arch") or arch, str(deepest["level"])
+    return str(arch), str(level), str(via)
+
+
+def _column_label(col: tuple[str, str, str]) -> str:
+    arch, level, via = col
+    parts = [arch if arch != "-" else "", f"L{level}" if level != "-" else "", via if via != "-" else ""]
+    return " · ".join(p for p in parts if p) or "any"
+
+
+def _column_order(col: tuple[str, str, str]) -> tuple[int, str, str, str]:
+    return ({"x86_64": 0, "i386": 1}.get(col[0], 2), col[1], col[0], {"serial": "0", "ssh": "1"}.get(col[2], col[2]))
+
+
+def chip_label(cell: Mapping[str, Any]) -> str:
+    """What tells a cell from others in the same grid box: its parameters beyond arch/level/transport."""
+    rest = [f"{k}={v}" for k, v in (cell.get("params") or {}).items() if k not in PRIMARY_PARAMS]
+    return " ".join(rest)
+
+
+def _columns(cells: Iterable[Mapping[str, Any]]) -> tuple[list[str], list[tuple[str, str, str]]]:
     scenarios: list[str] = []
-    configs: list[str] = []
+    cols: set[tuple[str, str, str]] = set()
     for c in cells:
         if c["scenario"] not in scenarios:
             scenarios.append(c["scenario"])
-        if c["config"] not in configs:
-            configs.append(c["config"])
-    return scenarios, configs
+        cols.add(column_of(c))
+    return scenarios, sorted(cols, key=_column_order)
 
 
 def grid_html(cells: Sequence[Mapping[str, Any]]) -> str:
-    """Scenarios (rows) x configurations (columns); each cell coloured by outcome, linked to its details."""
-    scenarios, configs = _columns(cells)
-    index = {(c["scenario"], c["config"]): (i, c) for i, c in enumerate(cells)}
-    head = "".join(f"<th class=\"col\">{esc(cfg)}</th>" for cfg in configs)
+    """Scenarios (rows) x configurations (columns: arch · level · transport); one coloured chip per cell.
+
+    A box holds several chips when a scenario has more cells in one configuration (``vcpus=1``,
+    ``vcpus=2``); every chip shows its outcome and time, hovers with the details and links to them.
+    """
+    scenarios, cols = _columns(cells)
+    boxes: dict[tuple[str, tuple[str, str, str]], list[tuple[int, Mapping[str, Any]]]] = {}
+    for i, c in enumerate(cells):
+        boxes.setdefault((c["scenario"], column_of(c)), []).append((i, c))
+    head = "".join(f"<th class=\"col\">{esc(_column_label(col))}</th>" for col in cols)
     rows = []
     for sc in scenarios:
         tds = []
-        for cfg in configs:
-            hit = index.get((sc, cfg))
-            if hit is None:
-                tds.append("<td class=\"na\" title=\"not a cell of this scenario\"></td>")
+        for col in cols:
+            box = boxes.get((sc, col))
+            if not box:
+                tds.append("<td class=\"na\" title=\"no cell of this scenario in this configuration\"></td>")
                 continue
-            i, c = hit
-            o = c["outcome"]
-            tds.append(f"<td class=\"cell o-{o}\" data-nodeid=\"{esc(c['nodeid'])}\" data-outcome=\"{o}\" "
-                       f"title=\"{esc(_cell_title(c))}\"><a href=\"#cell-{i}\">{LABEL[o]}"
-                       f"<small>{fmt_seconds(c.get('duration_seconds'))}</small></a></td>")
-        rows.append(f"<tr><th class=\"mono\">{esc(sc)}</th>{''.join(tds)}</tr>")
+            chips = []
+            for i, c in box:
+                o = c["outcome"]
+                extra = chip_label(c)
+                chips.append(f"<a class=\"chip o-{o}\" href=\"#cell-{i}\" data-nodeid=\"{esc(c['nodeid'])}\" "
+                             f"data-outcome=\"{o}\" title=\"{esc(_cell_title(c))}\">{LABEL[o]}"
+                             + (f"<i>{esc(extra)}</i>" if extra else "")
+                             + f"<small>{fmt_seconds(c.get('duration_seconds'))}</small></a>")
+            tds.append(f"<td class=\"box\">{''.join(chips)}</td>")
+        module, _, func = sc.rpartition("::")
+        rows.append(f"<tr><th class=\"scenario\" title=\"{esc(sc)}\"><small>{esc(module)}</small>{esc(func or sc)}</th>"
+                    f"{''.join(tds)}</tr>")
     return (f"<table class=\"grid\"><thead><tr><th>scenario \\ configuration</th>{head}</tr></thead>"
             f"<tbody>{''.join(rows)}</tbody></table>")
 
@@ -200,17 +255,28 @@ def _details_html(cells: Sequence[Mapping[str, Any]]) -> str:
     return "".join(out)
 
 
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _short(cell: Mapping[str, Any]) -> str:
+    """``test_name[config]`` cut to fit a chart label."""
+    func = cell["scenario"].rpartition("::")[2]
+    func = _cut(func, 32)
+    return func if cell["config"] == "default" else f"{func}[{cell['config']}]"
+
+
 def _boot_points(cells: Sequence[Mapping[str, Any]]) -> list[tuple[str, float, int, str]]:
     """(label, seconds, level, outcome) for every guest boot and every ``*boot_seconds`` fact."""
     points = []
     for c in cells:
         for g in c.get("guests") or []:
             if isinstance(g.get("ready_seconds"), (int, float)):
-                points.append((f"{c['config']} · {g.get('image')} L{g.get('level')} ({g.get('accel')})",
+                points.append((f"{_short(c)} · {g.get('image')} L{g.get('level')} ({g.get('accel')})",
                                float(g["ready_seconds"]), int(g.get("level") or 1), c["nodeid"]))
         for k, v in (c.get("facts") or {}).items():
             if "boot" in k and k.endswith("seconds") and isinstance(v, (int, float)) and not isinstance(v, bool):
-                points.append((f"{c['config']} · {k}", float(v), 1, c["nodeid"]))
+                points.append((f"{_short(c)} · {k}", float(v), 1, c["nodeid"]))
     return points
 
 
@@ -219,7 +285,7 @@ def boot_chart_svg(cells: Sequence[Mapping[str, Any]]) -> str:
     points = _boot_points(cells)
     if not points:
         return "<p>No guest boots were recorded.</p>"
-    label_w, bar_w, row_h = 420, 420, 20
+    label_w, bar_w, row_h = 520, 400, 20
     top = max(v for _, v, _, _ in points) or 1.0
     h = row_h * len(points) + 30
     parts = [f"<svg width=\"{label_w + bar_w + 80}\" height=\"{h}\" "
@@ -228,7 +294,7 @@ def boot_chart_svg(cells: Sequence[Mapping[str, Any]]) -> str:
         y = i * row_h + 4
         w = max(1.0, secs / top * bar_w)
         colour = LEVEL_COLOUR.get(level, "#555")
-        parts.append(f"<text x=\"{label_w - 6}\" y=\"{y + 13}\" text-anchor=\"end\">{esc(label[:64])}</text>"
+        parts.append(f"<text x=\"{label_w - 6}\" y=\"{y + 13}\" text-anchor=\"end\">{esc(_cut(label, 80))}</text>"
                      f"<rect x=\"{label_w}\" y=\"{y}\" width=\"{w:.1f}\" height=\"{row_h - 6}\" fill=\"{colour}\">"
                      f"<title>{esc(nodeid)}: {secs:.1f} s</title></rect>"
                      f"<text x=\"{label_w + w + 4:.1f}\" y=\"{y + 13}\">{secs:.1f} s</text>")
@@ -264,7 +330,7 @@ def report_html(doc: Mapping[str, Any]) -> str:
                                 f"shard {run['shard']}" if run.get("shard") else ""] if x) or "scenarios"
     sub = (f"{esc(what)} on <b>{esc(host.get('hostname', '?'))}</b> ({esc(host_key(host))}); "
            f"{esc(run['started'])} – {esc(run['finished'])} ({fmt_seconds(run.get('duration_seconds'))}), "
-           f"{esc(run.get('workers') or 1)} worker(s); nestbed {esc(run.get('nestbed_version'))}, "
+           f"{esc(_workers(run))}; nestbed {esc(run.get('nestbed_version'))}, "
            f"schema v{esc(doc['schema_version'])}" + (" — <b>interrupted</b>" if run.get("interrupted") else ""))
     failures = [(i, c) for i, c in enumerate(cells) if c["outcome"] in BAD]
     fail_list = ""
@@ -304,8 +370,8 @@ def report_markdown(doc: Mapping[str, Any]) -> str:
     counts = " · ".join(f"{ICON[o]} {s[o]} {o}" for o in OUTCOMES if s.get(o)) or "no cells"
     accel = ", ".join(f"{a} {v.get('chosen')}" for a, v in (host.get("accel") or {}).items())
     lines = [f"## nestbed report {what} on {host.get('hostname', '?')}".rstrip(), "",
-             f"**{s['total']} cells**: {counts} — {fmt_seconds(run.get('duration_seconds'))}, "
-             f"{run.get('workers') or 1} worker(s)" + (" — **interrupted**" if run.get("interrupted") else ""), "",
+             f"**{s['total']} cells**: {counts} — {fmt_seconds(run.get('duration_seconds'))}, {_workers(run)}"
+             + (" — **interrupted**" if run.get("interrupted") else ""), "",
              f"Host: {host_key(host)}" + (f"; accel {accel}" if accel else ""), ""]
     bad = [c for c in cells if c["outcome"] in BAD]
     if bad:

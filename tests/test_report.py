@@ -158,6 +158,34 @@ def test_report_in_one_process_with_matrix_and_guest_logs(pytester: pytest.Pytes
     assert cell["coords"] == {"arch": "x86_64", "transport": "ssh"}
 
 
+def test_failed_boot_still_links_the_serial_log(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    # A guest that panics during boot never reaches the test: its log is found in the test's log directory.
+    pytester.makepyfile(test_panic="""
+        import pytest
+        from pathlib import Path
+
+        @pytest.fixture
+        def panicking(request):
+            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in request.node.nodeid)
+            log = Path(request.config.getoption("nestbed_log_dir")) / safe / "tiny-i386-1" / "tiny-i386-serial.log"
+            log.parent.mkdir(parents=True)
+            log.write_text("Kernel panic - not syncing: IO-APIC + timer doesn't work!")
+            raise RuntimeError("level 1: guest kernel panicked")
+
+        def test_boot(panicking):
+            pass
+        """)
+    (pytester.path / "host.json").write_text(json.dumps(HOST))
+    out = tmp_path / "r"
+    result = pytester.runpytest_subprocess("--nestbed-report", str(out), "--nestbed-log-dir", str(out / "logs"),
+                                           "--nestbed-host-facts", "host.json")
+    result.assert_outcomes(errors=1)
+    doc = json.loads((out / "report.json").read_text())
+    assert doc["cells"][0]["artifacts"]["serial_logs"] == ["logs/test_panic.py__test_boot/tiny-i386-1/tiny-i386-serial.log"]
+    page = (out / "index.html").read_text()
+    assert 'href="logs/test_panic.py__test_boot/tiny-i386-1/tiny-i386-serial.log">serial log</a>' in page
+
+
 def test_summary_md_fits_a_job_summary(xdist_report: dict[str, Any]) -> None:
     md = (Path(xdist_report["_dir"]) / "summary.md").read_text()
     assert md.startswith("## nestbed report")
@@ -342,6 +370,74 @@ def test_report_cli_refuses_bad_arguments_before_booting(tmp_path: Path) -> None
     assert not (tmp_path / "r").exists()
 
 
+SLOW_FAKE = """
+import time, pytest
+
+@pytest.mark.smoke
+def test_quick(nestbed_facts):
+    nestbed_facts["boot_seconds"] = 1.0
+
+@pytest.mark.smoke
+def test_slow():
+    time.sleep(float(__import__("os").environ.get("FAKE_SLEEP", "0")))
+    assert False, "planted"
+"""
+
+
+def _fake_scenarios(tmp_path: Path) -> tuple[Path, list[str]]:
+    scen = tmp_path / "scen"
+    scen.mkdir()
+    (scen / "test_fake.py").write_text(SLOW_FAKE)
+    (tmp_path / "host.json").write_text(json.dumps(HOST))
+    (tmp_path / "m.toml").write_text('version = 1\n[axes.arch]\nparams = ["arch"]\n[tiers.smoke]\nmarkers = ["smoke"]\n')
+    return scen, ["--scenarios", str(scen), "--matrix", str(tmp_path / "m.toml"), "--out", str(tmp_path / "r"),
+                  "--", "--nestbed-host-facts", str(tmp_path / "host.json")]
+
+
+def test_report_cli_end_to_end_with_plain_progress(tmp_path: Path) -> None:
+    _, args = _fake_scenarios(tmp_path)
+    r = nestbed("report", "-n", "2", *args, timeout=180)
+    assert r.returncode == 1, r.stdout + r.stderr
+    out = tmp_path / "r"
+    assert r.stdout.strip().splitlines()[-1] == f"nestbed: report: {out / 'index.html'}"
+    assert "  FAIL  scen/test_fake.py::test_slow: AssertionError: planted" in r.stdout
+    assert "nestbed: smoke: 2 cells" in r.stderr and "2/2 " in r.stderr  # not a TTY: one line per cell
+    doc = rp.load(out)
+    assert doc["summary"]["pass"] == 1 and doc["summary"]["fail"] == 1 and doc["run"]["workers"] == 2
+    for name in ("junit.xml", "index.html", "summary.md", "pytest.log"):
+        assert (out / name).is_file(), name
+    r = nestbed("report", "-n", "0", *args, timeout=60)
+    assert r.returncode == 125 and "already holds a report" in r.stderr
+
+
+def test_report_cli_ctrl_c_still_writes_the_report(tmp_path: Path) -> None:
+    import os
+    import signal
+    import time
+
+    _, args = _fake_scenarios(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "harness", "report", "-n", "0", *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "FAKE_SLEEP": "60"})
+    try:
+        progress = tmp_path / "r" / "progress.jsonl"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and '"test_fake.py::test_slow"' not in (
+                progress.read_text() if progress.exists() else ""):
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground group gets it
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert proc.returncode == 130, stdout + stderr
+    doc = rp.load(tmp_path / "r")
+    assert doc["run"]["interrupted"] is True
+    assert [c["outcome"] for c in doc["cells"] if c["nodeid"].endswith("test_quick")] == ["pass"]
+    assert stdout.strip().endswith("index.html")
+
+
 # --- index.html in a real browser ----------------------------------------------------------
 
 class _Cells(html.parser.HTMLParser):
@@ -350,15 +446,22 @@ class _Cells(html.parser.HTMLParser):
         self.cells: dict[str, str] = {}
         self.body: dict[str, str | None] = {}
         self.svg_rects = 0
+        self.columns: list[str] = []
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         a = dict(attrs)
-        if tag == "td" and a.get("data-nodeid"):
+        if a.get("data-nodeid"):
             self.cells[str(a["data-nodeid"])] = f"{a.get('data-outcome')} {a.get('class')}"
         elif tag == "body":
             self.body = a
         elif tag == "rect":
             self.svg_rects += 1
+        self._in_col = tag == "th" and a.get("class") == "col"
+
+    def handle_data(self, data: str) -> None:
+        if getattr(self, "_in_col", False):
+            self.columns.append(data)
+            self._in_col = False
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -377,7 +480,8 @@ def test_index_html_renders_the_grid_in_headless_chromium(xdist_report: dict[str
     parsed.feed(dom.stdout)
     assert parsed.body.get("data-ready") == "1"  # the page's script ran without an error
     assert {n: v.split()[0] for n, v in parsed.cells.items()} == EXPECTED
-    assert all(v.split()[1:] == ["cell", f"o-{v.split()[0]}"] for v in parsed.cells.values())
+    assert all(v.split()[1:] == ["chip", f"o-{v.split()[0]}"] for v in parsed.cells.values())
+    assert parsed.columns == ["x86_64 · serial", "x86_64 · ssh", "i386 · serial", "i386 · ssh", "any"]
     assert parsed.svg_rects >= 4  # boot-time bars (boot_seconds facts) and the legend
     shot = tmp_path / "index.png"
     r = subprocess.run([*flags, f"--screenshot={shot}", page.as_uri()], capture_output=True, text=True, timeout=120)
