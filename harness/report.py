@@ -373,7 +373,7 @@ def diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> Diff:
             elif n is None and o is not None:
                 d.removed.append(Change(key, nodeid, o["outcome"], None))
             elif o is not None and n is not None and o["outcome"] != n["outcome"]:
-                ch = Change(key, nodeid, o["outcome"], n["outcome"], n.get("reason"))
+                ch = Change(key, nodeid, o["outcome"], n["outcome"], n.get("reason") if n["outcome"] != "pass" else None)
                 if n["outcome"] in BAD and o["outcome"] not in BAD:
                     d.regressions.append(ch)
                 elif o["outcome"] in BAD and n["outcome"] not in BAD:

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from harness.report import BAD, OUTCOMES, host_key
+from harness.report import scenario_of as rp_scenario
 
 LABEL = {"pass": "pass", "fail": "FAIL", "error": "ERROR", "skip": "skip", "xfail": "xfail", "xpass": "XPASS"}
 ICON = {"pass": "✅", "fail": "❌", "error": "💥", "skip": "⏭️", "xfail": "⚠️", "xpass": "❗"}
@@ -35,7 +36,9 @@ table.grid th.col{font-weight:600;font-size:12px;white-space:nowrap}
 table.grid th.scenario{font-weight:600;font-size:12px;font-family:ui-monospace,monospace;max-width:30em;
   overflow-wrap:anywhere}
 table.grid th.scenario small{display:block;font-weight:400;color:#666}
-table.fleet th.col{writing-mode:vertical-rl;transform:rotate(180deg);max-height:22em;white-space:nowrap}
+table.fleet th.col{font-family:ui-monospace,monospace;font-weight:500;white-space:normal;overflow-wrap:anywhere;max-width:10em}
+table.fleet th.scenario{max-width:none;min-width:9em;text-align:center}
+table.fleet tbody th{min-width:16em;font-weight:400}
 .o-pass{background:#c8e6c9}.o-fail{background:#ffcdd2}.o-error{background:#ef9a9a}.o-skip{background:#eceff1;color:#555}
 .o-xfail{background:#ffe0b2}.o-xpass{background:#e1bee7}
 .legend span{display:inline-block;padding:2px 8px;margin-right:6px;border:1px solid #ccc;border-radius:3px;cursor:pointer}
@@ -402,7 +405,18 @@ def _fleet_columns(hosts: Sequence[Mapping[str, Any]]) -> list[str]:
 def fleet_html(doc: Mapping[str, Any]) -> str:
     hosts = doc["hosts"]
     cols = _fleet_columns(hosts)
-    head = "".join(f"<th class=\"col\" title=\"{esc(n)}\">{esc(n.split('/')[-1])}</th>" for n in cols)
+    # Two header rows: the scenario (spanning its cells), then each cell's parametrization.
+    groups: list[tuple[str, int]] = []
+    for n in cols:
+        sc = rp_scenario(n)
+        if groups and groups[-1][0] == sc:
+            groups[-1] = (sc, groups[-1][1] + 1)
+        else:
+            groups.append((sc, 1))
+    top = "".join(f"<th class=\"scenario\" colspan=\"{span}\" title=\"{esc(sc)}\"><small>{esc(sc.rpartition('::')[0])}"
+                  f"</small>{esc(sc.rpartition('::')[2])}</th>" for sc, span in groups)
+    head = "".join(f"<th class=\"col\" title=\"{esc(n)}\">{esc(n[len(rp_scenario(n)):].strip('[]') or '·')}</th>"
+                   for n in cols)
     rows = []
     for h in hosts:
         host = h.get("host") or {}
@@ -423,7 +437,8 @@ def fleet_html(doc: Mapping[str, Any]) -> str:
     sources = "".join(f"<li><code>{esc(s)}</code></li>" for s in doc.get("sources") or [])
     body = (f"<h1>nestbed fleet</h1><div class=\"sub\">{len(hosts)} host kind(s), {len(cols)} cells; "
             f"generated {esc(doc.get('generated'))}</div>{_counts_html(doc['summary'])}"
-            f"<h2>Hosts × scenarios</h2><table class=\"grid fleet\"><thead><tr><th>host</th>{head}</tr></thead>"
+            f"<h2>Hosts × scenarios</h2><table class=\"grid fleet\"><thead><tr><th rowspan=\"2\">host</th>{top}</tr>"
+            f"<tr>{head}</tr></thead>"
             f"<tbody>{''.join(rows)}</tbody></table>"
             f"<h2>Hosts</h2>" + "".join(f"<h3>{esc(h['key'])}</h3>{_kv_table(_host_rows(h.get('host') or {}))}"
                                        for h in hosts)
