@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,7 +106,7 @@ class SoakReport:
         return not self.flakes and not self.broken and not self.run_errors
 
 
-def tally(results: list[dict[str, Outcome] | None], run_errors: dict[int, str] | None = None) -> SoakReport:
+def tally(results: Sequence[dict[str, Outcome] | None], run_errors: dict[int, str] | None = None) -> SoakReport:
     """Combine per-run results (None: the run produced none) into a :class:`SoakReport`."""
     tests: dict[str, TestTally] = {}
     errors = dict(run_errors or {})

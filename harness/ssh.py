@@ -140,8 +140,14 @@ class SSHTransport(TransportBase):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise CommandTimedOut(command, timeout)
-                if chan.closed and not chan.exit_status_ready():
+                # sshd killed in the guest: paramiko's transport goes inactive, but the channel
+                # is neither closed nor readable; without this check we waited out the timeout.
+                transport = chan.get_transport()
+                alive = transport is not None and transport.is_active()
+                if not chan.exit_status_ready() and (chan.closed or not alive):
                     raise TransportError(f"{self.name}: connection lost while running {command!r}")
+                if not alive:
+                    break  # the exit status came, then the connection went before the channel's EOF
                 select.select([chan], [], [], min(left, 1.0))
             status = chan.recv_exit_status()
         except (OSError, EOFError, paramiko.SSHException) as exc:

@@ -1,0 +1,327 @@
+"""Faults, for real: signals mid-boot at level 1 and level 2, hung and frozen guests, sshd
+dying under a command, a full disk during a build; and the soak's flake accounting.
+
+What test_boot.py already covers is not repeated here (a harness SIGKILLed/SIGTERMed/
+SIGINTed while a *tiny* guest boots, a kernel panic, QEMU killed from outside, a command
+timeout over serial).  The nested cases are budgeted: the three signals hit
+``nestbed run --level 2`` while its L1 boots (no L1 boot completes), and one L1 boot is
+spent on a SIGINT that lands while the L2 boots.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import REPO, nestbed, qemu_pids_under
+
+from harness import paths
+from harness.errors import CommandTimedOut, ConsoleTimeout, HarnessError, TransportError
+from harness.guest import BootOptions, boot
+from harness.machine import sweep_stale_runs
+from harness.soak import Outcome, parse_junit, render, tally
+
+EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGKILL: -signal.SIGKILL}
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+def _ppid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _wait_for_qemu(parent: int, name: str, proc: subprocess.Popen[str], timeout: float) -> int:
+    """The PID of the QEMU named *name* that *parent* started."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pid in qemu_pids_under(paths.run_root()):
+            try:
+                if _ppid(pid) == parent and f"-name\0{name},".encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return pid
+            except OSError:
+                continue
+        if proc.poll() is not None:
+            raise AssertionError(f"the harness exited ({proc.returncode}) before starting QEMU: "
+                                 f"{proc.communicate(timeout=10)}")
+        time.sleep(0.05)
+    raise AssertionError(f"the harness never started a {name} QEMU")
+
+
+def _gone(pid: int, timeout: float = 15) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if ") Z " in Path(f"/proc/{pid}/stat").read_text():
+                return True
+        except OSError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _run_dirs_of(pid: int) -> list[Path]:
+    return list(paths.run_root().glob(f"*-{pid}-*"))
+
+
+def _signal_and_check(proc: subprocess.Popen[str], qemu: int, sig: signal.Signals) -> tuple[int, list[Path]]:
+    """Send *sig* to the harness; its QEMU must die and its run directories go (at once or by the sweep).
+
+    Returns the exit status and the run directories the harness itself left behind.
+    """
+    proc.send_signal(sig)
+    try:
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert _gone(qemu), f"QEMU {qemu} survived {sig.name} of its harness"
+    left = _run_dirs_of(proc.pid)
+    if left:
+        # A harness that could not unwind (SIGKILL, an unhandled SIGTERM) leaves them; the
+        # next start sweeps them.
+        sweep_stale_runs()
+        assert not _run_dirs_of(proc.pid), f"the sweep left {left}"
+    return rc, left
+
+
+# -- signals to `nestbed run --level 2` while L1 boots ---------------------------------------------
+
+@pytest.mark.boot
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
+def test_nested_run_signalled_while_l1_boots_leaves_no_qemu(tiny_images: None, sig: signal.Signals) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "harness", "run", "--level", "2", "tiny-x86_64", "--", "true"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    l1 = _wait_for_qemu(proc.pid, "l1-host", proc, timeout=300)
+    time.sleep(3)  # well inside L1's boot (it takes 30-60 s under TCG)
+    rc, left = _signal_and_check(proc, l1, sig)
+    assert rc == EXIT[sig]
+    if sig is not signal.SIGKILL:
+        assert not left, "an unwinding harness removes its own run directories"
+        stderr = proc.stderr.read() if proc.stderr else ""
+        assert "Traceback" not in stderr, stderr
+
+
+# -- signals to a pytest process that uses the plugin -------------------------------------------------
+
+PLUGIN_L1 = """
+def test_boots(boot_guest):
+    boot_guest("tiny-x86_64")
+"""
+
+PLUGIN_L2 = """
+import pytest
+
+@pytest.mark.nestbed_inner("tiny-x86_64")
+def test_l2(l1_host, inner_guest):
+    print("NESTBED-L1-UP", flush=True)
+    inner_guest("tiny-x86_64")
+    print("NESTBED-L2-UP", flush=True)
+"""
+
+
+def _pytest_proc(tmp_path: Path, source: str) -> subprocess.Popen[str]:
+    (tmp_path / "test_victim.py").write_text(textwrap.dedent(source))
+    return subprocess.Popen([sys.executable, "-m", "pytest", "-s", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                             "test_victim.py"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+@pytest.mark.boot
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
+def test_pytest_signalled_while_a_guest_boots_leaves_no_qemu(tiny_images: None, tmp_path: Path,
+                                                             sig: signal.Signals) -> None:
+    proc = _pytest_proc(tmp_path, PLUGIN_L1)
+    qemu = _wait_for_qemu(proc.pid, "tiny-x86_64", proc, timeout=120)
+    time.sleep(0.3)  # inside the tiny guest's ~2.5 s boot
+    rc, _left = _signal_and_check(proc, qemu, sig)
+    # pytest turns SIGINT into "interrupted" (2); it has no SIGTERM handler, so the
+    # process dies of the signal and PR_SET_PDEATHSIG takes QEMU with it.
+    assert rc == {signal.SIGINT: 2, signal.SIGTERM: -signal.SIGTERM, signal.SIGKILL: -signal.SIGKILL}[sig]
+
+
+@pytest.mark.boot
+def test_pytest_interrupted_while_l2_boots_leaves_no_qemu(tiny_images: None, tmp_path: Path) -> None:
+    """One L1 boot: SIGINT lands after L1 is up, while the plugin's inner_guest boots an L2 in it."""
+    proc = _pytest_proc(tmp_path, PLUGIN_L2)
+    l1 = _wait_for_qemu(proc.pid, "l1-host", proc, timeout=300)
+    assert proc.stdout is not None
+    seen = []
+    deadline = time.monotonic() + 600
+    for line in proc.stdout:  # the L1 boot (30-60 s, more under load)
+        seen.append(line)
+        if "NESTBED-L1-UP" in line or time.monotonic() > deadline:
+            break
+    assert "NESTBED-L1-UP" in "".join(seen), "".join(seen)
+    time.sleep(1.0)  # the L2's QEMU is being started in L1; it needs several seconds to boot
+    started = time.monotonic()
+    rc, left = _signal_and_check(proc, l1, signal.SIGINT)
+    out = "".join(seen) + (proc.stdout.read() or "")
+    assert "NESTBED-L2-UP" not in out, "the signal came too late: L2 was already up"
+    assert rc == 2, out[-3000:]
+    assert time.monotonic() - started < 120
+    assert not left, "an interrupted pytest unwinds and removes its run directories"
+
+
+# -- hung and frozen guests, sshd killed ------------------------------------------------------------
+
+@pytest.mark.boot
+def test_init_that_never_signals_ready_is_a_console_timeout_with_the_tail(tiny_images: None) -> None:
+    # busybox as init, sleeping: the kernel boots, init runs, the ready marker never comes.
+    # loglevel=7 so the kernel's own lines make a serial tail to show.
+    opts = BootOptions(append="loglevel=7 rdinit=/bin/busybox -- sleep 100000", ready_timeout=20)
+    started = time.monotonic()
+    with pytest.raises(ConsoleTimeout) as info, boot("tiny-x86_64", options=opts):
+        pass
+    assert 20 <= time.monotonic() - started < 60
+    assert "ready marker" in str(info.value)
+    assert "as init process" in info.value.serial_tail, info.value.serial_tail[-2000:]
+    assert "--- serial console (tail) ---" in str(info.value)
+
+
+@pytest.mark.boot
+def test_ssh_faults_are_typed_and_bounded(tiny_images: None) -> None:
+    with boot("debian-x86_64", via="ssh") as g:
+        ssh = g.connect_ssh()
+        assert g.machine.proc is not None
+        qemu = g.machine.proc.pid
+
+        # A command that never reads its stdin: the upload must stop at the timeout.
+        started = time.monotonic()
+        with pytest.raises(CommandTimedOut):
+            ssh.run("sleep 60", stdin=b"\0" * (16 << 20), timeout=3)
+        assert time.monotonic() - started < 15
+
+        # The whole guest frozen (QEMU stopped): a typed error within the timeout, and it recovers.
+        os.kill(qemu, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises((CommandTimedOut, TransportError)):
+                ssh.run("echo", "frozen", timeout=3)
+            assert time.monotonic() - started < 15
+        finally:
+            os.kill(qemu, signal.SIGCONT)
+        assert ssh.run("echo", "thawed", timeout=60).stdout == "thawed\n"
+
+        # sshd killed inside the guest while a command runs over it.
+        caught: list[BaseException] = []
+
+        def long_command() -> None:
+            try:
+                ssh.run("sleep 60; echo never", timeout=120)
+            except BaseException as exc:  # noqa: B036 - handed to the test thread
+                caught.append(exc)
+
+        worker = threading.Thread(target=long_command)
+        worker.start()
+        time.sleep(2)
+        started = time.monotonic()
+        g.serial.run("pkill -9 -x sshd")
+        worker.join(timeout=60)
+        assert not worker.is_alive(), "the SSH command kept waiting on a dead connection"
+        assert time.monotonic() - started < 30
+        assert len(caught) == 1 and isinstance(caught[0], TransportError), caught
+        assert "connection" in str(caught[0])
+        # The serial console is independent of sshd.
+        assert g.serial.run("echo", "serial still works").stdout == "serial still works\n"
+        with pytest.raises(HarnessError):
+            ssh.run("true", timeout=10)
+
+
+# -- the cache's disk fills up during a build ------------------------------------------------------
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 16 MiB tmpfs as the cache: a tiny image's apt indexes alone are bigger."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(mnt)], check=True,
+                       capture_output=True, timeout=30)
+    except (subprocess.CalledProcessError, OSError) as exc:
+        pytest.skip(f"cannot mount a small tmpfs here: {exc}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
+
+
+@pytest.mark.boot  # no QEMU, but mmdebstrap and the machine's apt sources
+def test_full_cache_disk_fails_the_build_clearly_and_marks_nothing_built(full_disk: Path) -> None:
+    env = {**os.environ, "NESTBED_CACHE": str(full_disk)}
+    proc = nestbed("images", "build", "tiny-x86_64", env=env, timeout=600)
+    assert proc.returncode == 125, proc.stderr
+    assert "Traceback" not in proc.stderr
+    line = next(ln for ln in proc.stderr.splitlines() if ln.startswith("nestbed: error:"))
+    assert "no space left on device" in line, proc.stderr
+    images = full_disk / "images"
+    assert not list(images.glob("*/manifest.json")), "a build that ran out of space was marked built"
+    assert not list(images.glob(".build-*")), "the failed build left its work directory behind"
+    listed = nestbed("images", "list", "--json", env=env, timeout=60)
+    assert '"name": "tiny-x86_64"' in listed.stdout and '"built": true' not in listed.stdout
+
+
+# -- soak: flake accounting on synthetic JUnit files ----------------------------------------------------
+
+def _junit(path: Path, cases: dict[str, str]) -> Path:
+    """A pytest-style JUnit file: name -> passed/failed/error/skipped/teardown-error."""
+    body = []
+    for name, outcome in cases.items():
+        inner = {"passed": "", "failed": '<failure message="assert 0">tb</failure>',
+                 "error": '<error message="setup failed">tb</error>', "skipped": '<skipped message="no kvm"/>',
+                 "teardown-error": '<error message="teardown failed">tb</error>'}[outcome]
+        body.append(f'<testcase classname="scenarios.test_boot" name="{name}" time="1.0">{inner}</testcase>')
+        if outcome == "teardown-error":  # pytest writes the call's pass and the teardown's error as two cases
+            body.insert(len(body) - 1, f'<testcase classname="scenarios.test_boot" name="{name}" time="1.0"/>')
+    path.write_text('<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" tests="1">'
+                    + "".join(body) + "</testsuite></testsuites>")
+    return path
+
+
+def test_soak_counts_flakes_broken_tests_and_runs_without_results(tmp_path: Path) -> None:
+    runs = [
+        {"test_a": "passed", "test_b": "passed", "test_c": "failed", "test_d": "skipped", "test_e": "passed"},
+        {"test_a": "passed", "test_b": "failed", "test_c": "failed", "test_d": "skipped", "test_e": "teardown-error"},
+        {"test_a": "passed", "test_b": "passed", "test_c": "error", "test_d": "skipped", "test_e": "passed"},
+    ]
+    results = [parse_junit(_junit(tmp_path / f"run-{i}.xml", r)) for i, r in enumerate(runs, start=1)]
+    assert results[1]["scenarios.test_boot::test_e"] is Outcome.ERROR
+    report = tally([*results, None], {4: "timed out after 3600 s"})
+    assert report.runs == 4
+    assert list(report.flakes) == ["scenarios.test_boot::test_b", "scenarios.test_boot::test_e"]
+    assert report.flakes["scenarios.test_boot::test_b"].failed_runs == [2]
+    assert list(report.broken) == ["scenarios.test_boot::test_c"]
+    assert report.tests["scenarios.test_boot::test_d"].skipped == 3
+    assert not report.green
+    text = render(report)
+    assert "FLAKY   scenarios.test_boot::test_b: passed 2, failed 1 (runs 2)" in text
+    assert "BROKEN  scenarios.test_boot::test_c" in text
+    assert "run 4: no results: timed out after 3600 s" in text
+    assert text.endswith("flakes: 2  broken: 1  run errors: 1")
+
+
+def test_soak_all_passing_is_green_and_bad_junit_is_refused(tmp_path: Path) -> None:
+    good = [parse_junit(_junit(tmp_path / f"ok-{i}.xml", {"test_a": "passed", "test_b": "skipped"})) for i in (1, 2)]
+    report = tally(good)
+    assert report.green and not report.flakes and render(report).endswith("flakes: 0  broken: 0  run errors: 0")
+    truncated = tmp_path / "cut.xml"
+    truncated.write_text('<?xml version="1.0"?><testsuites><testsuite><testcase name="x"')
+    with pytest.raises(HarnessError, match="not a readable JUnit XML file"):
+        parse_junit(truncated)
+    other = tmp_path / "other.xml"
+    other.write_text("<html/>")
+    with pytest.raises(HarnessError, match="root element <html>"):
+        parse_junit(other)
+
+
+def test_soak_cli_refuses_zero_runs(tmp_path: Path) -> None:
+    proc = nestbed("soak", "--runs", "0", "--out", str(tmp_path), timeout=60)
+    assert proc.returncode == 125 and "--runs must be at least 1" in proc.stderr
