@@ -1,0 +1,47 @@
+"""nestbed bench: selection and rendering (pure; no benchmark runs here)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from harness import bench
+from harness.errors import UsageError
+
+
+def test_slow_benchmarks_run_only_when_named_or_asked_for() -> None:
+    default = bench.select(None)
+    assert {"reset", "hops", "virtme-ng"} <= set(default)
+    assert not {"smoke-tier", "reset-l2"} & set(default)
+    assert {"smoke-tier", "reset-l2"} <= set(bench.select(None, slow=True))
+    assert bench.select(["smoke-tier"]) == ["smoke-tier"]
+
+
+def test_unknown_benchmark_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match="unknown benchmark.*nope"):
+        bench.select(["reset", "nope"])
+    with pytest.raises(UsageError, match="at least 5"):
+        bench.run_all(runs=3, only=["reset"])
+
+
+def _results(name: str, r: dict[str, Any]) -> dict[str, Any]:
+    return {"date": "2026-11-25T00:00:00Z", "runs": 5, "benchmarks": {name: r},
+            "machine": {"hostname": "h", "cpu": "c", "cores": 2, "kernel": "k", "qemu": "7.2"}}
+
+
+def test_reset_result_renders_its_ratio_target_and_phases() -> None:
+    r = bench._ratio("reboot", [10.0] * 5, "reset", [1.0, 1.2, 0.9, 1.1, 1.0], None)
+    r.update(reset_loadvm=bench._stats([0.1] * 5), target_seconds=1.5, meets_target=True)
+    text = bench.render_markdown(_results("reset", r))
+    assert "| reset: reset | 1.00 s | ratio 0.100 | <= 1.5 s (met) |" in text
+    assert "| reset: reset_loadvm | 0.10 s |" in text
+
+
+def test_hops_result_renders_one_row_per_hop() -> None:
+    hop = {"hop": "vmdk", "from": "raw", "bare": bench._stats([1.0] * 5), "nestbed": bench._stats([1.02] * 5),
+           "ratio": 1.02, "meets_target": True, "verify": bench._stats([0.5] * 5)}
+    text = bench.render_text(_results("hops", {"hops": [hop, {**hop, "hop": "raw", "from": "vmdk"}],
+                                               "target": 1.05, "meets_target": True}))
+    assert "hops: raw -> vmdk" in text and "hops: vmdk -> raw" in text
+    assert "bare 1.00 s, ratio 1.020" in text
