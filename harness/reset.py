@@ -14,10 +14,11 @@ commands sent through QMP's ``human-monitor-command`` (the qemu.qmp connection e
   ``snapshot=on``) only to hold the state: :func:`state_drive_args`.
 * :func:`reset_guest` closes any SSH connection (the guest's TCP state is about to go
   back to a moment before it existed: the old connection can only be reset by the
-  guest), ``loadvm``s, then proves the serial console answers with a fresh marker
-  (which also discards whatever the console still held from before), clears a serial
-  transport that a timed-out command had broken, and reconnects SSH if that was the
-  guest's transport.  The ready token stays valid: the kernel command line is the same.
+  guest), ``loadvm``s, types a fresh marker on the serial console, reconnects SSH if that
+  was the guest's transport (while the shell answers the marker), then waits for the
+  marker (which also discards whatever the console still held from before) and clears a
+  serial transport that a timed-out command had broken.  The ready token stays valid:
+  the kernel command line is the same.
 
 After a reset the guest's wall clock is the one of the snapshot (it jumps back by the
 time the guest ran since boot); monotonic time inside the guest continues from the
