@@ -161,7 +161,7 @@ def test_pytest_interrupted_while_l2_boots_leaves_no_qemu(tiny_images: None, tmp
         if "NESTBED-L1-UP" in line or time.monotonic() > deadline:
             break
     assert "NESTBED-L1-UP" in "".join(seen), "".join(seen)
-    time.sleep(1.0)  # the L2's QEMU is being started in L1; it needs several seconds to boot
+    time.sleep(3.0)  # the L2 QEMU has been started in L1 by now; it needs several more seconds to boot
     started = time.monotonic()
     rc, left = _signal_and_check(proc, l1, signal.SIGINT)
     out = "".join(seen) + (proc.stdout.read() or "")
