@@ -51,6 +51,8 @@ def add_parsers(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:
     mp = rsub.add_parser("merge", help="merge reports of many hosts (or shards) into one fleet grid")
     mp.add_argument("reports", nargs="+", metavar="DIR", help="report directories (or report.json/fleet.json files)")
     mp.add_argument("-o", "--output", required=True, metavar="DIR", help="where fleet.json, index.html, summary.md go")
+    mp.add_argument("--skip-missing", action="store_true",
+                    help="warn about and skip a DIR without a report (a CI shard that crashed) instead of failing")
     mp.set_defaults(func=cmd_report_merge, command="absent")
     dp = rsub.add_parser("diff", help="outcome changes from OLD to NEW; exit 1 on a regression")
     dp.add_argument("old", metavar="OLD")
@@ -260,7 +262,16 @@ def _print_outcome(doc: dict[str, Any], out: Path, wall: float) -> None:
 
 
 def cmd_report_merge(args: argparse.Namespace) -> int:
-    docs = [rp.load(p) for p in args.reports]
+    docs = []
+    for path in args.reports:
+        try:
+            docs.append(rp.load(path))
+        except rp.ReportError as exc:
+            if not args.skip_missing:
+                raise
+            print(f"nestbed: warning: skipped: {exc}", file=sys.stderr)
+    if not docs:
+        raise rp.ReportError("merge: no readable report among " + " ".join(args.reports))
     fleet = rp.merge(docs)
     paths = rp.write_fleet(fleet, Path(args.output))
     s = fleet["summary"]

@@ -311,6 +311,9 @@ def test_diff_and_merge_refuse_bad_input_with_125(tmp_path: Path, content: str |
         assert len(lines) == 1 and lines[0].startswith("nestbed: error: ") and message in lines[0], r.stderr
     r = nestbed("report", "diff", str(good), timeout=60)
     assert r.returncode == 125 and "the following arguments are required: NEW" in r.stderr
+    r = nestbed("report", "merge", "--skip-missing", str(bad), str(good), "-o", str(tmp_path / "o"), timeout=60)
+    assert r.returncode == 0 and f"nestbed: warning: skipped: {bad}" in r.stderr, r.stderr
+    assert json.loads((tmp_path / "o" / "fleet.json").read_text())["summary"]["total"] == 1
 
 
 # --- the live display and the CLI's pytest command line -----------------------------------
@@ -422,11 +425,13 @@ def test_report_cli_ctrl_c_still_writes_the_report(tmp_path: Path) -> None:
     try:
         progress = tmp_path / "r" / "progress.jsonl"
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and '"test_fake.py::test_slow"' not in (
+        while time.monotonic() < deadline and 'test_fake.py::test_slow"' not in (
                 progress.read_text() if progress.exists() else ""):
             time.sleep(0.2)
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground group gets it
+        signalled = time.monotonic()
         stdout, stderr = proc.communicate(timeout=60)
+        assert time.monotonic() - signalled < 30  # not after the 60 s sleep: the test was cut short
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -434,7 +439,8 @@ def test_report_cli_ctrl_c_still_writes_the_report(tmp_path: Path) -> None:
     assert proc.returncode == 130, stdout + stderr
     doc = rp.load(tmp_path / "r")
     assert doc["run"]["interrupted"] is True
-    assert [c["outcome"] for c in doc["cells"] if c["nodeid"].endswith("test_quick")] == ["pass"]
+    outcomes = {c["nodeid"].rpartition("::")[2]: (c["outcome"], c["reason"]) for c in doc["cells"]}
+    assert outcomes == {"test_quick": ("pass", None), "test_slow": ("error", "interrupted: the test did not finish")}
     assert stdout.strip().endswith("index.html")
 
 
