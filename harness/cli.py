@@ -93,10 +93,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.level == 1:
             guest = stack.enter_context(boot(args.image, options=opts, via=args.via))
         else:
-            from harness.nested import boot_l1
+            from harness.nested import boot_hosts
 
-            l1 = stack.enter_context(boot_l1([args.image]))
-            guest = stack.enter_context(l1.inner(args.image, options=opts, via=args.via))
+            # Level N: a chain of N-1 hosts (L1, then l1-host inside it, ...), IMAGE in the deepest.
+            host = stack.enter_context(boot_hosts(args.level - 1, [args.image]))
+            guest = stack.enter_context(host.inner(args.image, options=opts, via=args.via))
         if args.verbose:
             print(f"nestbed: {args.image} at level {args.level}: accel {guest.accel.value} ({guest.accel_reason})",
                   file=sys.stderr)
@@ -185,12 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("run", help="boot IMAGE, run CMD in it, print its output, exit with its status",
                         usage="nestbed run [options] IMAGE -- CMD...")
     rp.add_argument("image", metavar="IMAGE")
+    # -v after the subcommand too (SUPPRESS: absent here, the global -v stands).
+    rp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                    help="show the accelerator chosen and full error details")
     rp.add_argument("--accel", choices=[a.value for a in Accel], default="auto",
                     help="accelerator (default auto: the probe's verdict)")
     rp.add_argument("--via", choices=[v.value for v in Via], default="serial",
                     help="transport for the command (ssh: images with an SSH server)")
-    rp.add_argument("--level", type=int, choices=[1, 2], default=1,
-                    help="1: boot IMAGE on this host; 2: boot an L1 host (l1-host) and IMAGE inside it")
+    rp.add_argument("--level", type=int, choices=[1, 2, 3], default=1,
+                    help="1: boot IMAGE on this host; 2: boot an L1 host (l1-host) and IMAGE inside it; "
+                         "3: an L1 running an l1-host at level 2, IMAGE inside that")
     rp.add_argument("--kernel", metavar="PATH", help="boot this kernel with the image's userland")
     rp.add_argument("--vcpus", type=int, metavar="N")
     rp.add_argument("--memory", type=int, metavar="MB")
