@@ -339,7 +339,7 @@ def _timed_output(argv: list[str], expect: str, env: dict[str, str] | None = Non
     proc = subprocess.run(argv, capture_output=True, timeout=RUN_TIMEOUT, stdin=subprocess.DEVNULL, cwd=REPO_ROOT,
                           env=env)
     elapsed = time.monotonic() - started
-    out = proc.stdout.decode(errors="replace")
+    out = (proc.stdout + b"\n" + proc.stderr).decode(errors="replace")  # vng -v shows the console on stderr
     if expect not in (line.strip() for line in out.splitlines()):
         raise HarnessError(f"bench: {' '.join(argv[:6])}... exited {proc.returncode} without printing {expect!r}: "
                            f"{(proc.stderr + proc.stdout).decode(errors='replace').strip()[-300:]}")
