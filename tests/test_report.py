@@ -186,6 +186,19 @@ def test_failed_boot_still_links_the_serial_log(pytester: pytest.Pytester, tmp_p
     assert 'href="logs/test_panic.py__test_boot/tiny-i386-1/tiny-i386-serial.log">serial log</a>' in page
 
 
+def test_a_module_that_does_not_import_is_one_error_cell(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    pytester.makepyfile(test_good="def test_ok(nestbed_facts):\n    nestbed_facts['x'] = 1\n",
+                        test_broken="import no_such_module_anywhere\n\ndef test_never():\n    pass\n")
+    (pytester.path / "host.json").write_text(json.dumps(HOST))
+    out = tmp_path / "r"
+    pytester.runpytest_subprocess("-n", "2", "--nestbed-report", str(out), "--nestbed-host-facts", "host.json")
+    doc = json.loads((out / "report.json").read_text())
+    assert rp.validate(doc) == []
+    errors = [c for c in doc["cells"] if c["outcome"] == "error"]
+    assert len(errors) == 1 and errors[0]["nodeid"].endswith("test_broken.py")
+    assert "no_such_module_anywhere" in errors[0]["reason"] + (errors[0]["longrepr"] or "")
+
+
 def test_summary_md_fits_a_job_summary(xdist_report: dict[str, Any]) -> None:
     md = (Path(xdist_report["_dir"]) / "summary.md").read_text()
     assert md.startswith("## nestbed report")
