@@ -103,7 +103,8 @@ class Hop:
 
     @property
     def guest_writable(self) -> bool:
-        """False for formats QEMU will not let a guest overwrite (streamOptimized VMDK)."""
+        """False for formats QEMU is known not to let a guest overwrite (streamOptimized VMDK).
+        :func:`run_chain` measures it on every hop (:func:`probe_overwrite`); this is the expectation."""
         return dict(self.options).get("subformat") != "streamOptimized"
 
     @property
@@ -139,9 +140,10 @@ def parse_chain(text: str) -> list[Hop]:
 
 # -- qemu-img ------------------------------------------------------------------------------
 
-def _run(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+def _run(argv: list[str], timeout: float, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                              cwd=cwd)
     except subprocess.TimeoutExpired:
         raise DiskFormatError(f"{argv[0]} {argv[1]} did not finish within {timeout:g} s") from None
     except FileNotFoundError:
@@ -465,12 +467,16 @@ def probe_overwrite(path: Path, fmt: DiskFormat, workdir: Path) -> Pitfall | Non
                          f"if={path}", f"of={same}", timeout=QUICK_TIMEOUT)
         if proc.returncode != 0:
             raise DiskFormatError(f"qemu-img dd {path.name}: {_last_line(proc.stderr)}")
-        proc = _run(["qemu-io", "-f", fmt.value, "-c", f"write -s {same} {offset} 64k", str(path)], QUICK_TIMEOUT)
+        # qemu-io splits its command at spaces (no quoting): name the pattern file relative to its cwd.
+        proc = _run(["qemu-io", "-f", fmt.value, "-c", f"write -s {same.name} {offset} 64k", str(path.resolve())],
+                    QUICK_TIMEOUT, cwd=workdir)
     finally:
         same.unlink(missing_ok=True)
     said = (proc.stdout + proc.stderr).strip()
     if proc.returncode == 0 and "failed" not in said.lower():
         return None
+    if "write failed" not in said.lower():  # not a refusal: the probe itself went wrong
+        raise DiskFormatError(f"qemu-io write probe of {path.name} ({fmt.value}) failed: {_last_line(said)}")
     reason = next((ln.split(":", 1)[1].strip() for ln in said.splitlines() if ln.startswith("qemu-io:")),
                   _last_line(said))
     return Pitfall("guest-write-refused", f"QEMU refuses to overwrite allocated data at offset {offset}: "
@@ -511,8 +517,8 @@ def seed_manifest(raw: Path, directory: str, workdir: Path) -> dict[str, str]:
     files = {"seed.bin": hashlib.sha256(seed.read_bytes()).hexdigest()}
     manifest = workdir / "MANIFEST.sha256"
     manifest.write_text("".join(f"{h}  {n}\n" for n, h in files.items()))
-    _debugfs(raw, [f"mkdir {directory}", f"write {seed} {directory}/seed.bin",
-                   f"write {manifest} {directory}/MANIFEST.sha256"], write=True)
+    _debugfs(raw, [f"mkdir {directory}", f'write "{seed}" {directory}/seed.bin',
+                   f'write "{manifest}" {directory}/MANIFEST.sha256'], write=True)
     return files
 
 
@@ -521,7 +527,7 @@ def read_files(raw: Path, directory: str, workdir: Path) -> dict[str, bytes]:
     out = workdir / f".dump-{secrets.token_hex(4)}"
     out.mkdir()
     try:
-        _debugfs(raw, [f"rdump {directory} {out}"])
+        _debugfs(raw, [f'rdump {directory} "{out}"'])
         got = out / Path(directory).name
         return {p.name: p.read_bytes() for p in sorted(got.iterdir()) if p.is_file()}
     finally:
@@ -713,10 +719,10 @@ def run_chain(source: Path, chain: list[Hop], workdir: Path, *, source_format: D
             if not r["matches"]:
                 raise DiskFormatError(f"hop {i} ({hop.label}): {r['name']} reads different data than "
                                       f"{ref.name} (sha256 {r['sha256'][:16]} vs {ref_hash[:16]})")
-        if not hop.guest_writable:
-            refused = probe_overwrite(dst, hop.format, workdir)
-            if refused is not None:
-                pitfalls.append(refused)
+        # Whether QEMU lets a guest overwrite this hop is measured, not assumed from the format name.
+        refused = probe_overwrite(dst, hop.format, workdir)
+        if refused is not None:
+            pitfalls.append(refused)
         files = image_files(dst)
         hr = HopResult(
             index=i, hop=hop.label, format=hop.format.value, source=str(ref), path=str(dst),
@@ -727,7 +733,7 @@ def run_chain(source: Path, chain: list[Hop], workdir: Path, *, source_format: D
             sha256=ref_hash, pitfalls=[asdict(p) for p in pitfalls], verify_seconds=round(time.monotonic() - t0, 3))
         next_hash = ref_hash
         if image_name is not None:
-            writable = hop.guest_writable
+            writable = refused is None
             say(f"hop {i}/{len(chain)}: booting {image_name} from {dst.name} "
                 f"({hop.format.value}, {'read-write' if writable else 'read-only'})")
             before = None if writable else _file_digest(files)

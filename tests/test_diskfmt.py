@@ -209,22 +209,18 @@ def test_vdi_is_read_by_dissect_block_by_block(source: Path, tmp_path: Path) -> 
     assert reader["name"] == "dissect.hypervisor" and reader["matches"]
 
 
-def _bad_images(tmp_path: Path, source: Path) -> dict[str, tuple[Path, DiskFormat | None]]:
-    q = diskfmt.run_chain(source, [Hop(DiskFormat.QCOW2)], tmp_path / "ok")["hops"][0]["path"]
-    v = diskfmt.run_chain(source, [Hop(DiskFormat.VPC)], tmp_path / "ok")["hops"][0]["path"]
-    qcow, vhd = Path(q).read_bytes(), Path(v).read_bytes()
-    out: dict[str, tuple[Path, DiskFormat | None]] = {}
-
-    def put(name: str, data: bytes, fmt: DiskFormat | None) -> None:
-        p = tmp_path / name
-        p.write_bytes(data)
-        out[name] = (p, fmt)
-
-    put("badmagic.qcow2", b"XXXX" + qcow[4:], DiskFormat.QCOW2)
-    put("truncated.qcow2", qcow[:200_000], None)  # qemu-img info is happy; check is not
-    put("truncated.vhd", vhd[:1_000_000], DiskFormat.VPC)
-    put("empty.img", b"", None)
-    return out
+def _bad_image(tmp_path: Path, source: Path, name: str) -> tuple[Path, DiskFormat | None]:
+    """One broken image, made from a good one of its format."""
+    if name == "empty.img":
+        (tmp_path / name).write_bytes(b"")
+        return tmp_path / name, None
+    fmt = DiskFormat.QCOW2 if name.endswith(".qcow2") else DiskFormat.VPC
+    good = Path(diskfmt.run_chain(source, [Hop(fmt)], tmp_path / "ok")["hops"][0]["path"]).read_bytes()
+    data = {"badmagic.qcow2": b"XXXX" + good[4:],
+            "truncated.qcow2": good[:200_000],  # qemu-img info is happy with it; check is not
+            "truncated.vhd": good[:1_000_000]}[name]
+    (tmp_path / name).write_bytes(data)
+    return tmp_path / name, (None if name == "truncated.qcow2" else fmt)
 
 
 @pytest.mark.parametrize(("name", "needle"), [
@@ -235,7 +231,7 @@ def _bad_images(tmp_path: Path, source: Path) -> dict[str, tuple[Path, DiskForma
 ])
 def test_corrupt_and_truncated_sources_are_one_line_errors(source: Path, tmp_path: Path, name: str,
                                                            needle: str) -> None:
-    path, fmt = _bad_images(tmp_path, source)[name]
+    path, fmt = _bad_image(tmp_path, source, name)
     with pytest.raises(DiskFormatError) as exc:
         diskfmt.run_chain(path, [Hop(DiskFormat.RAW)], tmp_path / "hops", source_format=fmt)
     assert needle in str(exc.value) and "\n" not in str(exc.value), str(exc.value)
@@ -312,7 +308,10 @@ def test_seed_and_read_back_a_manifest_without_mounting(tmp_path: Path) -> None:
                              tmp_path, lambda _m: None)
 
 
-def test_bench_hops_shape(source: Path, tmp_path: Path) -> None:
+def test_bench_hops_shape(tmp_path: Path) -> None:
+    source = tmp_path / "small.raw"
+    source.write_bytes(os.urandom(1 << 20))
+    os.truncate(source, 8 << 20)
     r = diskfmt.bench_hops(source, "vmdk,raw", runs=5, workdir=tmp_path)
     assert [h["hop"] for h in r["hops"]] == ["vmdk", "raw"] and r["runs"] == 5 and r["target"] == 1.05
     for h in r["hops"]:
