@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -261,6 +263,14 @@ def test_cli_matrix_github_and_errors(tmp_path: Path) -> None:
     assert r.stderr.strip() == f"nestbed: error: {bad}: axes.arch.params: expected a list of strings, got int 3"
 
 
+def test_cli_matrix_github_needs_only_the_standard_library() -> None:
+    # CI's plan job runs it with the system python3, before any `make setup`: -S hides site-packages.
+    r = subprocess.run([sys.executable, "-S", "-m", "harness", "matrix", "--tier", "nightly", "--format", "github"],
+                       cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["include"][0]["shard"].startswith("1/")
+
+
 def test_cli_matrix_json_lists_every_cell_once() -> None:
     r = nestbed("matrix", "--tier", "nightly", "--shards", "3", timeout=300)
     assert r.returncode == 0, r.stderr
@@ -278,7 +288,7 @@ def test_nightly_workflow_runs_the_matrix_shards() -> None:
     assert "schedule" in on
     jobs = wf["jobs"]
     plan_cmds = " ".join(s.get("run", "") for s in jobs["plan"]["steps"])
-    assert "nestbed matrix --tier \"$TIER\" --format github" in plan_cmds and wf["env"]["TIER"] == "nightly"
+    assert "python3 -m harness matrix --tier \"$TIER\" --format github" in plan_cmds and wf["env"]["TIER"] == "nightly"
     shard = jobs["shard"]
     assert shard["strategy"]["matrix"] == "${{ fromJSON(needs.plan.outputs.matrix) }}"
     assert shard["strategy"]["fail-fast"] is False
