@@ -53,6 +53,7 @@ PAYLOAD_MOUNT = "/nestbed/payload"
 REMOTE_RUN = "/run/nestbed"
 L2_KVM_PROBE_DEADLINE = 90.0
 CONNECT_DEADLINE = 60.0
+BLAME_GRACE = 3.0  # seconds an outer QEMU may take to be reaped after its sockets closed
 
 # QEMU-version-specific failures seen on real machines, with their evidence.  Each is
 # consulted before a risky probe: trying it would kill the L1 running the probe.
@@ -247,7 +248,10 @@ class InnerMachine(Machine):
 
     def _blame(self) -> None:
         outer = self.host.guest.machine
-        if outer.poll() is not None:
+        # A SIGKILLed outer QEMU closes its sockets (our SSH and relays see EOF) a moment
+        # before it can be reaped: give it BLAME_GRACE to be seen dead, or the error would
+        # blame this level ("QemuExited, exit status None") instead of the one that died.
+        if outer.poll() is not None or outer.wait(BLAME_GRACE) is not None:
             outer._raise_exited(f"level {self.host.level} died while level {self.level} was running")
 
     def poll(self) -> int | None:
