@@ -247,6 +247,9 @@ def test_bad_matrix_or_shard_is_a_usage_error(pytester: pytest.Pytester, scenari
     result = pytester.runpytest("--collect-only", "--nestbed-shard", "5/4")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*--shard '5/4': need 1 <= I <= N*"])
+    result = pytester.runpytest("--collect-only", "--nestbed-tier", "smoke")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--nestbed-tier needs a matrix*"])
 
 
 # --- the CLI and the nightly workflow ------------------------------------------------------
