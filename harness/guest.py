@@ -26,6 +26,7 @@ from harness.transport import DEFAULT_TIMEOUT, CommandResult, SerialTransport, T
 
 if TYPE_CHECKING:
     from harness.nested import L1Host
+    from harness.spec import Firmware
     from harness.ssh import SSHTransport
 
 GUEST_POWEROFF_TIMEOUT = 10.0
@@ -49,6 +50,9 @@ class BootOptions:
     forwards: tuple[int, ...] = ()  # more guest TCP ports to forward from 127.0.0.1 (Guest.machine.host_ports)
     ready_timeout: float | None = None
     reset: bool = False  # snapshot right after the ready marker, so Guest.reset() can return there
+    # None: direct kernel boot.  bios/uefi/uefi32: that firmware boots the image's whole-disk image
+    # through GRUB, with this boot's kernel command line (harness/bootdisk.py, docs/firmware.md).
+    firmware: Firmware | str | None = None
 
 
 def resolve_accel(accel: Accel, image: Image) -> tuple[Accel, str]:
@@ -91,7 +95,7 @@ def spec_for(image: Image, opts: BootOptions, token: str) -> MachineSpec:
     accel = opts.accel
     # Under KVM the guest gets the host CPU model: its PV features and no TCG-only flags.
     cpu = opts.cpu or ("host" if accel is Accel.KVM else None)
-    return MachineSpec(
+    spec = MachineSpec(
         arch=r.arch, accel=accel, cpu=cpu, cpu_flags=opts.cpu_flags, tcg_threads=opts.tcg_threads,
         # "is None", not "or": --vcpus 0 must be refused by the spec, not replaced silently.
         memory_mb=r.memory_mb if opts.memory_mb is None else opts.memory_mb,
@@ -101,6 +105,15 @@ def spec_for(image: Image, opts: BootOptions, token: str) -> MachineSpec:
         if image.disk is not None else (),
         extra_args=opts.extra_args, name=r.name,
     )
+    if opts.firmware is not None:
+        from harness import bootdisk
+        from harness.spec import Firmware
+
+        if opts.kernel is not None or opts.root_disk is not None:
+            raise UsageError("a firmware boot runs the kernel and root filesystem of the image's boot disk: "
+                             "it takes no kernel or root_disk")
+        spec = bootdisk.firmware_spec(spec, image, Firmware(opts.firmware), opts.extra_drives)
+    return spec
 
 
 class Guest:
@@ -207,6 +220,10 @@ def boot(image: str | Image, *, options: BootOptions | None = None, log_dir: Pat
             from harness.errors import ImageNotBuilt
             raise ImageNotBuilt(img.name)
         img = images.build(img)
+    if opts.firmware is not None:
+        from harness import bootdisk
+
+        opts = bootdisk.prepare(img, opts, host)  # builds the boot disk (cached); longer ready timeout
     accel, reason = host.resolve_accel(opts.accel, img) if host else resolve_accel(opts.accel, img)
     opts_resolved = BootOptions(**{**opts.__dict__, "accel": accel})
     if opts.reset and img.disk is None and opts.root_disk is None and host is None:

@@ -43,7 +43,8 @@ class Accel(enum.StrEnum):
 
 class Firmware(enum.StrEnum):
     BIOS = "bios"  # SeaBIOS, QEMU's default
-    UEFI = "uefi"  # OVMF
+    UEFI = "uefi"  # OVMF of the CPU's width: 64-bit on x86_64, 32-bit (OVMF32) on i386
+    UEFI32 = "uefi32"  # 32-bit OVMF whatever the CPU (on x86_64: EFI mixed mode)
 
 
 class DiskFormat(enum.StrEnum):
@@ -62,8 +63,29 @@ class DriveInterface(enum.StrEnum):
     SCSI = "scsi"
 
 
-OVMF_CODE = {Arch.X86_64: Path("/usr/share/OVMF/OVMF_CODE.fd"),
-             Arch.I386: Path("/usr/share/OVMF/OVMF32_CODE_4M.secboot.fd")}
+@dataclass(frozen=True)
+class Ovmf:
+    """One OVMF build (Debian's ``ovmf`` / ``ovmf-ia32``): CODE and its matching VARS template."""
+
+    code: Path
+    vars: Path
+    smm: bool = False  # secure-boot builds need -machine smm=on and a secure pflash
+    bits: int = 64
+
+
+# Debian ships OVMF32 only as a secure-boot build (ovmf-ia32: OVMF32_CODE_4M.secboot.fd); its VARS
+# template has no keys enrolled, so Secure Boot stays off and an unsigned GRUB boots.
+OVMF = {64: Ovmf(Path("/usr/share/OVMF/OVMF_CODE.fd"), Path("/usr/share/OVMF/OVMF_VARS.fd")),
+        32: Ovmf(Path("/usr/share/OVMF/OVMF32_CODE_4M.secboot.fd"), Path("/usr/share/OVMF/OVMF32_VARS_4M.fd"),
+                 smm=True, bits=32)}
+OVMF_CODE = {Arch.X86_64: OVMF[64].code, Arch.I386: OVMF[32].code}
+
+
+def ovmf_for(arch: Arch, firmware: Firmware) -> Ovmf | None:
+    """The OVMF build *firmware* means on *arch*; None for SeaBIOS."""
+    if firmware is Firmware.BIOS:
+        return None
+    return OVMF[64 if firmware is Firmware.UEFI and arch is Arch.X86_64 else 32]
 
 LOOPBACK = "127.0.0.1"
 
@@ -76,6 +98,7 @@ class Drive:
     read_only: bool = False
     snapshot: bool = False
     serial: str | None = None  # shows up as /dev/disk/by-id/virtio-<serial>
+    bootindex: int | None = None  # firmware boot order (lowest first); None: the firmware's default
 
 
 @dataclass(frozen=True)
@@ -192,6 +215,8 @@ def _drive_args(index: int, drive: Drive) -> list[str]:
         opts.append("snapshot=on")
     args = ["-drive", ",".join(opts)]
     serial = f",serial={drive.serial}" if drive.serial else ""
+    if drive.bootindex is not None:
+        serial += f",bootindex={drive.bootindex}"
     if drive.interface is DriveInterface.VIRTIO:
         args += ["-device", f"virtio-blk-pci,drive=drive{index}{serial}"]
     elif drive.interface is DriveInterface.IDE:
@@ -219,10 +244,11 @@ def build_argv(spec: MachineSpec, endpoints: Endpoints) -> list[str]:
     accel = spec.accel.value
     if spec.accel is Accel.TCG and spec.tcg_threads:
         accel += f",thread={spec.tcg_threads}"
+    ovmf = ovmf_for(spec.arch, spec.firmware)
     argv = [
         spec.binary,
         "-name", f"{spec.name},debug-threads=on",
-        "-machine", spec.machine,
+        "-machine", spec.machine + (",smm=on" if ovmf and ovmf.smm else ""),
         "-accel", accel,
         "-cpu", spec.cpu_arg,
         "-m", str(spec.memory_mb),
@@ -239,8 +265,14 @@ def build_argv(spec: MachineSpec, endpoints: Endpoints) -> list[str]:
         argv += ["-chardev", endpoints.qmp.qemu_opts("qmp0"), "-mon", "chardev=qmp0,mode=control"]
     if endpoints.pidfile is not None:
         argv += ["-pidfile", str(endpoints.pidfile)]
-    if spec.firmware is Firmware.UEFI:
-        argv += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE[spec.arch]}"]
+    if ovmf is not None:
+        # CODE read-only; VARS with snapshot=on: QEMU gives this run a private writable overlay
+        # (deleted when it exits), so the firmware can store its boot entries and the Debian
+        # template stays pristine, with no per-run copy to manage (also inside an L1).
+        argv += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={ovmf.code}",
+                 "-drive", f"if=pflash,format=raw,unit=1,snapshot=on,file={ovmf.vars}"]
+        if ovmf.smm:
+            argv += ["-global", "driver=cfi.pflash01,property=secure,value=on"]
     if spec.kernel is not None:
         argv += ["-kernel", str(spec.kernel)]
         if spec.initrd is not None:
