@@ -54,7 +54,7 @@ pre{background:#263238;color:#eceff1;padding:8px;overflow:auto;max-height:28em;f
 code,.mono{font-family:ui-monospace,monospace;font-size:12px}
 .kv td:first-child{font-family:ui-monospace,monospace;color:#333;white-space:nowrap}
 .hidden{display:none}
-svg text{font:12px system-ui,sans-serif}
+svg text{font:11px system-ui,sans-serif}
 """
 
 # Legend toggles: click an outcome to hide/show it in the grid and the details (no network, no libraries).
@@ -264,9 +264,8 @@ def _cut(text: str, width: int) -> str:
 
 def _short(cell: Mapping[str, Any]) -> str:
     """``test_name[config]`` cut to fit a chart label."""
-    func = cell["scenario"].rpartition("::")[2]
-    func = _cut(func, 32)
-    return func if cell["config"] == "default" else f"{func}[{cell['config']}]"
+    func = _cut(cell["scenario"].rpartition("::")[2], 28)
+    return _cut(func if cell["config"] == "default" else f"{func}[{cell['config']}]", 48)
 
 
 def _boot_points(cells: Sequence[Mapping[str, Any]]) -> list[tuple[str, float, int, str]]:
@@ -288,7 +287,7 @@ def boot_chart_svg(cells: Sequence[Mapping[str, Any]]) -> str:
     points = _boot_points(cells)
     if not points:
         return "<p>No guest boots were recorded.</p>"
-    label_w, bar_w, row_h = 520, 400, 20
+    label_w, bar_w, row_h = 560, 380, 20
     top = max(v for _, v, _, _ in points) or 1.0
     h = row_h * len(points) + 30
     parts = [f"<svg width=\"{label_w + bar_w + 80}\" height=\"{h}\" "
@@ -297,7 +296,7 @@ def boot_chart_svg(cells: Sequence[Mapping[str, Any]]) -> str:
         y = i * row_h + 4
         w = max(1.0, secs / top * bar_w)
         colour = LEVEL_COLOUR.get(level, "#555")
-        parts.append(f"<text x=\"{label_w - 6}\" y=\"{y + 13}\" text-anchor=\"end\">{esc(_cut(label, 80))}</text>"
+        parts.append(f"<text x=\"{label_w - 6}\" y=\"{y + 13}\" text-anchor=\"end\">{esc(_cut(label, 84))}</text>"
                      f"<rect x=\"{label_w}\" y=\"{y}\" width=\"{w:.1f}\" height=\"{row_h - 6}\" fill=\"{colour}\">"
                      f"<title>{esc(nodeid)}: {secs:.1f} s</title></rect>"
                      f"<text x=\"{label_w + w + 4:.1f}\" y=\"{y + 13}\">{secs:.1f} s</text>")
