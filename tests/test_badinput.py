@@ -67,7 +67,9 @@ def _nothing_built(cache: Path) -> None:
     (GOOD + "vcpus = 100000000000000000000\n", "vcpus", "outside 1..64"),
     (GOOD.encode() + b'description = "\xff\xfe"\n', "-", "not UTF-8 text"),
     ("kind = 'tiny\n", "-", "not valid TOML"),
-], ids=lambda v: v if isinstance(v, str) and len(v) < 20 else None)
+], ids=["unknown-key", "str-for-int", "float-for-int", "str-for-list", "int-in-list", "int-for-table",
+        "table-for-content", "root-as-file", "shell-in-service", "shell-in-kernel", "nan-timeout", "inf-timeout",
+        "huge-int", "not-utf8", "bad-toml"])
 def test_malformed_recipe_is_one_line_naming_file_and_key(tmp_path: Path, text: str | bytes, key: str,
                                                           reason: str) -> None:
     recipes = tmp_path / "recipes"
@@ -102,6 +104,7 @@ def test_unknown_image_names_fail_before_anything_is_built_or_booted(tmp_path: P
     assert not list((tmp_path / "cache").glob("run/*")), "no run directory for a guest that never started"
 
 
+@pytest.mark.boot  # needs the tiny image built and the accelerator probed (which may boot a guest once)
 @pytest.mark.parametrize(("argv", "needle"), [
     (["--vcpus", "0"], "vcpus: 0 is outside"),
     (["--memory", "0"], "memory_mb: 0 is below"),
@@ -111,7 +114,8 @@ def test_unknown_image_names_fail_before_anything_is_built_or_booted(tmp_path: P
     (["--kernel", "/nonexistent/vmlinuz"], "--kernel /nonexistent/vmlinuz: no such file"),
     (["--level", "0"], "invalid choice: 0"),
     (["--via", "telnet"], "invalid choice: 'telnet'"),
-])
+], ids=["vcpus-0", "memory-0", "memory-negative", "timeout-nan", "timeout-negative", "kernel-missing", "level-0",
+        "via-telnet"])
 def test_bad_run_options_are_refused_before_a_boot(tiny_images: None, argv: list[str], needle: str) -> None:
     started = time.monotonic()
     line = _one_line_error(nestbed("run", "tiny-x86_64", *argv, "--", "true", timeout=60))
@@ -144,7 +148,7 @@ def _matrix_cli() -> bool:
     ("[[row]]\nimage = 'tiny-x86_64'\n", "row", "unknown key"),
     ("version = 1\n[axes.arch]\nparams = 'arch'\n", "axes.arch.params", "list of strings"),
     ("this is = = not toml\n", "-", "not valid TOML"),
-])
+], ids=["unknown-key", "unknown-table", "str-for-list", "bad-toml"])
 def test_malformed_matrix_file_is_one_line_naming_file_and_key(tmp_path: Path, text: str, key: str,
                                                                needle: str) -> None:
     if not _matrix_cli():
