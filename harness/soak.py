@@ -27,6 +27,7 @@ from harness.errors import UsageError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RUN_TIMEOUT = 3600.0  # one pass of a tier; the smoke tier takes minutes
+PYTEST_EXIT = {2: "interrupted", 3: "internal error", 4: "usage error", 5: "no tests collected: is --tier a marker?"}
 
 
 class Outcome(enum.StrEnum):
@@ -175,8 +176,10 @@ def run_soak(runs: int, *, tier: str = "smoke", out_dir: Path, timeout: float = 
         if rc is None:
             errors[run] = f"timed out after {timeout:g} s"
             results.append(None)
-        elif not junit.is_file():
-            errors[run] = f"pytest exited {rc} without a JUnit file"
+        elif rc not in (0, 1) or not junit.is_file():
+            # 0: all passed, 1: some failed; anything else (interrupted, internal or usage error,
+            # no tests collected) means the run says nothing about flakiness.
+            errors[run] = f"pytest exited {rc} ({PYTEST_EXIT.get(rc, 'unexpected')})"
             results.append(None)
         else:
             try:

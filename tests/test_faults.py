@@ -325,3 +325,11 @@ def test_soak_all_passing_is_green_and_bad_junit_is_refused(tmp_path: Path) -> N
 def test_soak_cli_refuses_zero_runs(tmp_path: Path) -> None:
     proc = nestbed("soak", "--runs", "0", "--out", str(tmp_path), timeout=60)
     assert proc.returncode == 125 and "--runs must be at least 1" in proc.stderr
+
+
+def test_soak_run_that_collects_nothing_is_not_green(tmp_path: Path) -> None:
+    from harness.soak import run_soak
+
+    report = run_soak(1, tier="nestbed_no_such_marker", out_dir=tmp_path, timeout=300)
+    assert not report.green and not report.tests
+    assert report.run_errors == {1: "pytest exited 5 (no tests collected: is --tier a marker?)"}
