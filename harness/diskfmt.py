@@ -204,6 +204,24 @@ def check(path: Path, fmt: DiskFormat) -> str:
     raise DiskFormatError(f"qemu-img check {path} ({fmt.value}): {what} (exit {proc.returncode}): {first}")
 
 
+def check_extents(path: Path, fmt: DiskFormat) -> None:
+    """DiskFormatError if the image maps virtual data to file offsets past the end of its file:
+    a truncated image that ``qemu-img check`` passes (a VDI cut in half checks clean; QEMU then
+    reads the lost data as zeros).  Single-file images only (a split or flat VMDK's offsets are
+    in its extent files); compressed clusters have no offset and are not judged."""
+    if fmt is DiskFormat.RAW or len(image_files(path)) > 1:
+        return
+    proc = _qemu_img("map", "--output=json", "-f", fmt.value, str(path), timeout=QUICK_TIMEOUT)
+    if proc.returncode != 0:
+        raise DiskFormatError(f"qemu-img map {path}: {_last_line(proc.stderr)}")
+    size = path.stat().st_size
+    for ext in json.loads(proc.stdout):
+        if ext.get("data") and "offset" in ext and ext["offset"] + ext["length"] > size:
+            raise DiskFormatError(f"{path} ({fmt.value}) is truncated: virtual bytes {ext['start']}.."
+                                  f"{ext['start'] + ext['length'] - 1} are mapped to file offset {ext['offset']}, "
+                                  f"past the end of the {size}-byte file")
+
+
 def compare(a: Path, a_fmt: DiskFormat, b: Path, b_fmt: DiskFormat) -> str:
     """'identical' (a larger image's extra tail must read as zeros), else DiskFormatError."""
     proc = _qemu_img("compare", "-f", a_fmt.value, "-F", b_fmt.value, str(a), str(b))
@@ -664,6 +682,7 @@ def run_chain(source: Path, chain: list[Hop], workdir: Path, *, source_format: D
         raise DiskFormatError(f"{source}: virtual size is 0 bytes: nothing to convert")
     say(f"checking the source ({src_fmt.value}, {size} bytes)")
     src_check = check(source, src_fmt)
+    check_extents(source, src_fmt)
     directory = f"/nestbed-roundtrip-{secrets.token_hex(4)}"
     expected: dict[str, str] = {}
     seeded = workdir / "seeded.raw"
@@ -709,6 +728,7 @@ def run_chain(source: Path, chain: list[Hop], workdir: Path, *, source_format: D
         pitfalls = [p for p in (size_pitfall(hop, prev_size, vsize), probe_pitfall(hop, dst, probed, vsize)) if p]
         say(f"hop {i}/{len(chain)}: {hop.label}: qemu-img check and compare")
         checked = check(dst, hop.format)
+        check_extents(dst, hop.format)
         compared = compare(ref, ref_fmt, dst, hop.format)
         def hop_say(m: str, i: int = i) -> None:
             say(f"hop {i}/{len(chain)}: {m}")

@@ -214,11 +214,12 @@ def _bad_image(tmp_path: Path, source: Path, name: str) -> tuple[Path, DiskForma
     if name == "empty.img":
         (tmp_path / name).write_bytes(b"")
         return tmp_path / name, None
-    fmt = DiskFormat.QCOW2 if name.endswith(".qcow2") else DiskFormat.VPC
+    fmt = {"qcow2": DiskFormat.QCOW2, "vhd": DiskFormat.VPC, "vdi": DiskFormat.VDI}[name.rsplit(".", 1)[1]]
     good = Path(diskfmt.run_chain(source, [Hop(fmt)], tmp_path / "ok")["hops"][0]["path"]).read_bytes()
     data = {"badmagic.qcow2": b"XXXX" + good[4:],
             "truncated.qcow2": good[:200_000],  # qemu-img info is happy with it; check is not
-            "truncated.vhd": good[:1_000_000]}[name]
+            "truncated.vhd": good[:1_000_000],
+            "half.vdi": good[:len(good) // 2]}[name]  # qemu-img check passes it; its map does not
     (tmp_path / name).write_bytes(data)
     return tmp_path / name, (None if name == "truncated.qcow2" else fmt)
 
@@ -228,6 +229,7 @@ def _bad_image(tmp_path: Path, source: Path, name: str) -> tuple[Path, DiskForma
     ("truncated.qcow2", "qemu-img check"),
     ("truncated.vhd", "The image has been truncated"),
     ("empty.img", "virtual size is 0 bytes"),
+    ("half.vdi", "(vdi) is truncated: virtual bytes 0..4194303 are mapped to file offset 1024, past the end"),
 ])
 def test_corrupt_and_truncated_sources_are_one_line_errors(source: Path, tmp_path: Path, name: str,
                                                            needle: str) -> None:
