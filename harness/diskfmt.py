@@ -860,6 +860,7 @@ def bench_hops(source: Path, chain: str | list[Hop], *, runs: int = 5, workdir: 
     size = int(src_info["virtual-size"])
     with contextlib.ExitStack() as stack:
         work = workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nestbed-bench-hops-")))
+        work.mkdir(parents=True, exist_ok=True)
         out: list[dict[str, Any]] = []
         prev, prev_fmt = source, src_fmt
         for i, hop in enumerate(hops, start=1):
@@ -876,7 +877,8 @@ def bench_hops(source: Path, chain: str | list[Hop], *, runs: int = 5, workdir: 
                                       stdin=subprocess.DEVNULL)
                 elapsed = time.monotonic() - t
                 if proc.returncode != 0:
-                    raise DiskFormatError(f"bare qemu-img convert to {h.label} failed")
+                    raise DiskFormatError(f"bare qemu-img convert to {h.label} failed: "
+                                          f"{_last_line(proc.stderr.decode(errors='replace'))}")
                 return elapsed
 
             def ours(p: Path = prev, f: DiskFormat = prev_fmt, h: Hop = hop, d: Path = dst) -> float:
