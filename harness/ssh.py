@@ -13,6 +13,7 @@ import base64
 import contextlib
 import logging
 import select
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,7 +115,14 @@ class SSHTransport(TransportBase):
         deadline = start + timeout
         try:
             chan = self.transport.open_session(timeout=min(timeout, 30.0))
-            chan.exec_command(command)
+            # paramiko waits for the answer to "exec" with no timeout: a guest that freezes just
+            # then would hang us.  Closing the channel ends that wait ("Channel closed").
+            watchdog = threading.Timer(min(timeout, 30.0), chan.close)
+            watchdog.start()
+            try:
+                chan.exec_command(command)
+            finally:
+                watchdog.cancel()
         except (paramiko.SSHException, OSError, EOFError) as exc:
             raise TransportError(f"{self.name}: cannot start {command!r}: {exc}") from None
         out, err = bytearray(), bytearray()

@@ -211,6 +211,30 @@ def test_ssh_faults_are_typed_and_bounded(tiny_images: None) -> None:
             os.kill(qemu, signal.SIGCONT)
         assert ssh.run("echo", "thawed", timeout=60).stdout == "thawed\n"
 
+        # Frozen at the worst moment: after the channel opened, before sshd answers "exec".
+        import paramiko
+
+        real_open = paramiko.Transport.open_session
+
+        def open_then_freeze(self: paramiko.Transport, *args: object, **kw: object) -> paramiko.Channel:
+            chan = real_open(self, *args, **kw)
+            os.kill(qemu, signal.SIGSTOP)
+            return chan
+
+        thaw = threading.Timer(60, os.kill, (qemu, signal.SIGCONT))  # a regression must not hang the suite
+        thaw.start()
+        paramiko.Transport.open_session = open_then_freeze
+        try:
+            started = time.monotonic()
+            with pytest.raises((CommandTimedOut, TransportError)):
+                ssh.run("echo", "frozen", timeout=3)
+            assert time.monotonic() - started < 15, "waited for the exec answer past the timeout"
+        finally:
+            paramiko.Transport.open_session = real_open
+            thaw.cancel()
+            os.kill(qemu, signal.SIGCONT)
+        assert ssh.run("echo", "thawed again", timeout=60).stdout == "thawed again\n"
+
         # sshd killed inside the guest while a command runs over it.
         caught: list[BaseException] = []
 
