@@ -219,23 +219,34 @@ def bench_reset_l2(runs: int) -> dict[str, Any]:
 
 HOPS_CHAIN = "vmdk,vpc:force_size=on,vhdx,qcow2,raw"
 HOPS_SOURCE_MB = 256
+HOPS_FILL_MB = 160  # data in the filesystem: conversions copy allocated clusters only
 
 
 def _hops_source() -> Path:
-    """A 256 MiB raw ext4 image filled from nestbed's own sources (deterministic enough); cached."""
-    root = paths.private_dir(paths.cache_root() / "bench")
-    target = root / "hops-source.raw"
+    """A 256 MiB raw ext4 image holding nestbed's sources and 160 MiB of seeded pseudo-random data
+    (the same bytes on every machine); cached."""
+    import random
+
+    root = _bench_dir()
+    target = root / "hops-source-v2.raw"
     if target.is_file():
         return target
     tmp = root / f".hops-source-{secrets.token_hex(4)}.raw"
-    try:
-        subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(REPO_ROOT / "harness"), "-L", "nbbench",
-                        str(tmp), f"{HOPS_SOURCE_MB}M"], check=True, capture_output=True, timeout=120)
-        tmp.rename(target)
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise HarnessError(f"bench: cannot make the conversion source {target}: {exc}") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".hops-stage-", dir=root) as stage:
+        shutil.copytree(REPO_ROOT / "harness", Path(stage) / "harness",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        rng = random.Random(7)
+        with open(Path(stage) / "fill.bin", "wb") as f:
+            for _ in range(HOPS_FILL_MB):
+                f.write(rng.randbytes(1 << 20))
+        try:
+            subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", stage, "-L", "nbbench", str(tmp),
+                            f"{HOPS_SOURCE_MB}M"], check=True, capture_output=True, timeout=120)
+            tmp.rename(target)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise HarnessError(f"bench: cannot make the conversion source {target}: {exc}") from exc
+        finally:
+            tmp.unlink(missing_ok=True)
     return target
 
 
@@ -247,8 +258,8 @@ def bench_hops(runs: int) -> dict[str, Any]:
     if not hasattr(diskfmt, "bench_hops"):  # written by the disk-format work; older trees lack it
         raise CapabilityMissing("bench hops", "harness.diskfmt.bench_hops is missing from this tree")
     result: dict[str, Any] = diskfmt.bench_hops(_hops_source(), HOPS_CHAIN, runs=runs)
-    result["what"] = (f"a {HOPS_SOURCE_MB} MiB raw ext4 image through {HOPS_CHAIN}: each hop's conversion by "
-                      "harness.diskfmt.convert vs bare `qemu-img convert` (same arguments), interleaved; "
+    result["what"] = (f"a {HOPS_SOURCE_MB} MiB raw ext4 image ({HOPS_FILL_MB} MiB of data) through {HOPS_CHAIN}: "
+                      "each hop's conversion by harness.diskfmt.convert vs bare `qemu-img convert` (same arguments), interleaved; "
                       "'verify' is what nestbed adds per hop (check, compare, independent readers)")
     return result
 
