@@ -259,7 +259,8 @@ def bench_hops(runs: int) -> dict[str, Any]:
         raise CapabilityMissing("bench hops", "harness.diskfmt.bench_hops is missing from this tree")
     result: dict[str, Any] = diskfmt.bench_hops(_hops_source(), HOPS_CHAIN, runs=runs)
     result["what"] = (f"a {HOPS_SOURCE_MB} MiB raw ext4 image ({HOPS_FILL_MB} MiB of data) through {HOPS_CHAIN}: "
-                      "each hop's conversion by harness.diskfmt.convert vs bare `qemu-img convert` (same arguments), interleaved; "
+                      "each hop's conversion by harness.diskfmt.convert vs bare `qemu-img convert` (same arguments), "
+                      "interleaved; "
                       "'verify' is what nestbed adds per hop (check, compare, independent readers)")
     return result
 
