@@ -295,9 +295,13 @@ def parse_paravirt(text: str) -> ParavirtFacts:
                                    f"{','.join(c for c, v in values.items() if v is None) or '(none listed)'}"
             else:
                 on = {cpu: bool(v is not None and v & 1) for cpu, v in values.items()}
-                used[f.name] = all(on.values())
+                # Only a KVM guest's enable bit is its own use of the KVM feature: KVM backs
+                # Hyper-V's EOI assist (hv-vapic) with the same PV EOI MSR.
+                used[f.name] = all(on.values()) and signature == "KVMKVMKVM"
                 evidence[f.name] = f"MSR {reg} enable bit " + \
                     ", ".join(f"cpu{c}={int(b)}" for c, b in sorted(on.items()))
+                if any(on.values()) and signature != "KVMKVMKVM":
+                    evidence[f.name] += f" (not a KVM guest: CPUID signature {signature!r}; the hypervisor uses the MSR)"
         else:
             assert f.dmesg is not None
             used[f.name] = f.dmesg in kvm_msgs
