@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import re
+import resource
 import secrets
 import shutil
 import statistics
@@ -842,6 +843,11 @@ def _stats(samples: list[float]) -> dict[str, Any]:
             "min": round(min(samples), 3), "max": round(max(samples), 3)}
 
 
+def _child_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def bench_hops(source: Path, chain: str | list[Hop], *, runs: int = 5, workdir: Path | None = None,
                source_format: DiskFormat | None = None, target: float = BENCH_TARGET) -> dict[str, Any]:
     """Each hop's conversion as nestbed runs it (:func:`convert`) vs a bare ``qemu-img convert``
@@ -850,7 +856,9 @@ def bench_hops(source: Path, chain: str | list[Hop], *, runs: int = 5, workdir: 
     verification (check, compare, every reader), which the bare command does not do.
 
     Returns ``{"source", "virtual_size", "runs", "target", "hops": [{"hop", "from", "bare",
-    "nestbed", "ratio", "ratio_of", "meets_target", "verify"}], "meets_target"}``.
+    "nestbed", "ratio", "ratio_of", "meets_target", "bare_cpu", "nestbed_cpu", "cpu_ratio", "verify"}],
+    "meets_target"}``: wall-clock stats, and qemu-img's CPU time (user+sys), which the noise of
+    a shared machine inflates far less.  Put *workdir* on tmpfs to keep disk contention out.
     """
     if runs < 5:
         raise UsageError(f"bench_hops: runs={runs}: medians need at least 5 runs")
@@ -870,26 +878,26 @@ def bench_hops(source: Path, chain: str | list[Hop], *, runs: int = 5, workdir: 
                 for p in image_files(d):
                     p.unlink(missing_ok=True)
 
-            def bare(p: Path = prev, f: DiskFormat = prev_fmt, h: Hop = hop, d: Path = dst) -> float:
+            def bare(p: Path = prev, f: DiskFormat = prev_fmt, h: Hop = hop, d: Path = dst) -> tuple[float, float]:
                 clear(d)
-                t = time.monotonic()
+                cpu, t = _child_cpu(), time.monotonic()
                 proc = subprocess.run(convert_argv(p, f, d, h), capture_output=True, timeout=QEMU_IMG_TIMEOUT,
                                       stdin=subprocess.DEVNULL)
                 elapsed = time.monotonic() - t
                 if proc.returncode != 0:
                     raise DiskFormatError(f"bare qemu-img convert to {h.label} failed: "
                                           f"{_last_line(proc.stderr.decode(errors='replace'))}")
-                return elapsed
+                return elapsed, _child_cpu() - cpu
 
-            def ours(p: Path = prev, f: DiskFormat = prev_fmt, h: Hop = hop, d: Path = dst) -> float:
+            def ours(p: Path = prev, f: DiskFormat = prev_fmt, h: Hop = hop, d: Path = dst) -> tuple[float, float]:
                 clear(d)
-                t = time.monotonic()
+                cpu, t = _child_cpu(), time.monotonic()
                 convert(p, f, d, h)
-                return time.monotonic() - t
+                return time.monotonic() - t, _child_cpu() - cpu
 
             bare(), ours()  # warm-up: page cache, first-run costs
-            xs: list[float] = []
-            ys: list[float] = []
+            xs: list[tuple[float, float]] = []
+            ys: list[tuple[float, float]] = []
             for _ in range(runs):
                 xs.append(bare())
                 ys.append(ours())
@@ -900,10 +908,14 @@ def bench_hops(source: Path, chain: str | list[Hop], *, runs: int = 5, workdir: 
                 compare(prev, prev_fmt, dst, hop.format)
                 independent_hashes(dst, hop.format, size)
                 verify.append(time.monotonic() - t)
-            b, n = _stats(xs), _stats(ys)
+            b, n = _stats([x[0] for x in xs]), _stats([y[0] for y in ys])
+            bc, nc = _stats([x[1] for x in xs]), _stats([y[1] for y in ys])
             ratio = round(n["median"] / b["median"], 3) if b["median"] else None
             out.append({"hop": hop.label, "from": prev_fmt.value, "bare": b, "nestbed": n, "ratio": ratio,
                         "ratio_of": "nestbed/bare", "meets_target": ratio is not None and ratio <= target,
+                        # qemu-img's own CPU time (user+sys): what contention on a shared machine cannot inflate
+                        "bare_cpu": bc, "nestbed_cpu": nc,
+                        "cpu_ratio": round(nc["median"] / bc["median"], 3) if bc["median"] else None,
                         "verify": _stats(verify)})
             prev, prev_fmt = dst, hop.format
     return {"source": str(source), "source_format": src_fmt.value, "virtual_size": size, "runs": runs,
