@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any
 from filelock import FileLock, Timeout
 
 from harness import paths
-from harness.errors import CapabilityMissing, ImageBuildError, UsageError
+from harness.errors import CapabilityMissing, ImageBuildError, ImageNotBuilt, UsageError
 from harness.images import Image, run_step
 from harness.recipes import Kind
 from harness.spec import Arch, DiskFormat, Drive, Firmware, MachineSpec, ovmf_for
@@ -278,6 +278,8 @@ def _check_image(image: Image) -> None:
 def boot_disk(image: Image) -> BootDisk:
     """The boot disk of a built Debian *image* (whether or not it is built yet)."""
     _check_image(image)
+    if not image.built:
+        raise ImageNotBuilt(image.name)
     return BootDisk(image, cache_key(image.manifest_path.read_text()))
 
 

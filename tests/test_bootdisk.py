@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from harness import bootdisk
-from harness.errors import CapabilityMissing, ImageBuildError, UsageError
+from harness.errors import CapabilityMissing, ImageBuildError, ImageNotBuilt, UsageError
 from harness.guest import BootOptions, spec_for
 from harness.images import Image
 from harness.recipes import parse_recipe
@@ -246,6 +246,13 @@ def test_spec_for_firmware_refuses_a_tiny_image(tmp_path: Path) -> None:
     image = _fake_image(tmp_path, "tiny-x86_64")
     with pytest.raises(UsageError, match="only Debian images"):
         spec_for(image, BootOptions(accel=Accel.TCG, firmware="bios"), "t")
+
+
+def test_boot_disk_of_an_unbuilt_image(tmp_path: Path) -> None:
+    image = _fake_image(tmp_path)
+    image.manifest_path.unlink()
+    with pytest.raises(ImageNotBuilt):
+        bootdisk.boot_disk(image)
 
 
 def test_prepare_refuses_bad_names_and_l2(tmp_path: Path) -> None:
