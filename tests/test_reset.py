@@ -13,6 +13,8 @@ from harness.machine import Machine
 from harness.reset import RESET_TAG, hmp_error
 from harness.spec import MachineSpec
 
+pytest_plugins = ["pytester"]
+
 # -- pure parts (no QEMU) ------------------------------------------------------------------
 
 
@@ -97,3 +99,24 @@ def test_reset_of_a_level_2_guest() -> None:
         g.reset()
         assert g.run("test", "-e", FILE).exit_status == 1
         assert g.serial.check_output("echo alive") == "alive"
+
+
+@pytest.mark.boot
+def test_marker_shared_reset_gives_each_test_the_just_booted_guest(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.nestbed_image("tiny-x86_64", shared=True, reset=True)
+        def test_first(guest):
+            guest.check_output("echo first > /tmp/mark")
+            pytest.shared_id = id(guest)
+
+        @pytest.mark.nestbed_image("tiny-x86_64", shared=True, reset=True)
+        def test_second(guest):
+            assert id(guest) == pytest.shared_id and guest.resets == 1  # the same guest, reset
+            assert guest.run("test -e /tmp/mark").exit_status == 1
+        """
+    )
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
