@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 
 from harness import paths
 from harness.errors import HarnessError, UsageError
-from harness.spec import Accel, DiskFormat
+from harness.spec import Accel, DiskFormat, Firmware
 from harness.transport import Via
 
 EXIT_HARNESS = 125
@@ -88,7 +88,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not 0 < args.timeout <= 86400:  # also refuses nan; checked before anything boots
         raise UsageError(f"run: --timeout {args.timeout:g} is not a number of seconds in (0, 86400]")
     opts = BootOptions(accel=Accel(args.accel), vcpus=args.vcpus, memory_mb=args.memory,
-                       kernel=Path(args.kernel) if args.kernel else None)
+                       kernel=Path(args.kernel) if args.kernel else None,
+                       firmware=Firmware(args.firmware) if args.firmware else None)
     with contextlib.ExitStack() as stack:
         if args.level == 1:
             guest = stack.enter_context(boot(args.image, options=opts, via=args.via))
@@ -197,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="1: boot IMAGE on this host; 2: boot an L1 host (l1-host) and IMAGE inside it; "
                          "3: an L1 running an l1-host at level 2, IMAGE inside that")
     rp.add_argument("--kernel", metavar="PATH", help="boot this kernel with the image's userland")
+    rp.add_argument("--firmware", choices=[f.value for f in Firmware], default=None,
+                    help="boot the image's disk through its own bootloader (GRUB) under this firmware "
+                         "(docs/firmware.md); default: direct kernel boot")
     rp.add_argument("--vcpus", type=int, metavar="N")
     rp.add_argument("--memory", type=int, metavar="MB")
     rp.add_argument("--timeout", type=float, default=600.0, metavar="S", help="command timeout (default 600)")
