@@ -174,6 +174,7 @@ for leaf in 40000000 40000001; do
   else echo 'unavailable: no /dev/cpu/0/cpuid'; fi
 done
 for cpu in /dev/cpu/[0-9]*; do
+  [ -e "$cpu" ] || continue
   for reg in 4b564d02 4b564d03 4b564d04; do
     echo "@@nb msr ${cpu##*/} $reg"
     if [ -r "$cpu/msr" ]; then

@@ -165,3 +165,14 @@ def test_cpuinfo(name: str, flag: str) -> None:
     assert flag in guestfacts.cpu_flags(text)
     with pytest.raises(GuestOutputError, match="processor"):
         guestfacts.parse_cpuinfo("flags\t: fpu\n")
+
+
+def test_xen_hvm_guest_without_cpuid_device() -> None:
+    # A busybox guest under QEMU 10's Xen HVM emulation in an L1: no cpuid/msr modules at all.
+    f = probe("l2-xen-hvm-tiny")
+    assert f.hypervisor == "Xen HVM"
+    assert f.paravirt_kernel_on == "Xen HVM"
+    assert f.clocksource == "xen"
+    assert f.cpuid_signature is None and f.msrs == {}
+    assert f.pv_used == []
+    assert f.evidence["pv-eoi"] == "MSR 4b564d04 unreadable on CPU(s) (none listed)"
