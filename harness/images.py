@@ -9,6 +9,7 @@ concurrent builders (pytest-xdist workers) build it once.
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
@@ -218,6 +219,11 @@ def _build_locked(image: Image, say: Progress, force: bool) -> Image:
             tmp = image.dir / "manifest.json.tmp"
             tmp.write_text(json.dumps(manifest, indent=2))
             tmp.rename(image.manifest_path)
+        except OSError as exc:
+            # The build's own I/O failed (a full or read-only cache), not a step: one clear line too.
+            shutil.rmtree(work, ignore_errors=True)
+            why = FAILURE_CAUSES[0][1] if exc.errno == errno.ENOSPC else exc.strerror
+            raise ImageBuildError(f"{image.name}: {why}: {exc.filename or work}") from None
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise

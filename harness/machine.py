@@ -273,6 +273,13 @@ class Machine:
         try:
             self.qmp.settimeout(QMP_TIMEOUT)
             self.qmp.connect()
+        except (KeyboardInterrupt, SystemExit):
+            # Interrupted mid-handshake (Ctrl-C, SIGTERM): qemu.qmp's event loop, resumed by the
+            # teardown, logs tracebacks about the dead connection ("This is a bug in the QMP
+            # library", "Task exception was never retrieved"); the interruption is the whole story.
+            for name in ("qemu.qmp", "asyncio"):
+                logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+            raise
         except Exception as exc:
             self._raise_exited(f"QMP handshake failed: {exc}", cause=exc)
 

@@ -10,6 +10,7 @@ spent on a SIGINT that lands while the L2 boots.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -108,6 +109,28 @@ def test_nested_run_signalled_while_l1_boots_leaves_no_qemu(tiny_images: None, s
         assert not left, "an unwinding harness removes its own run directories"
         stderr = proc.stderr.read() if proc.stderr else ""
         assert "Traceback" not in stderr, stderr
+
+
+@pytest.mark.boot
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_signal_during_the_qmp_handshake_is_one_line(tiny_images: None, sig: signal.Signals) -> None:
+    """QEMU stopped as soon as it exists, so the harness is still waiting for QMP's greeting."""
+    proc = subprocess.Popen([sys.executable, "-m", "harness", "run", "tiny-x86_64", "--", "true"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    qemu = _wait_for_qemu(proc.pid, "tiny-x86_64", proc, timeout=120)
+    os.kill(qemu, signal.SIGSTOP)
+    try:
+        time.sleep(1.0)
+        rc, left = _signal_and_check(proc, qemu, sig)
+    finally:
+        with contextlib.suppress(OSError):
+            os.kill(qemu, signal.SIGCONT)
+    assert rc == EXIT[sig] and not left
+    stderr = proc.stderr.read() if proc.stderr else ""
+    # Before the fix: qemu.qmp's "This is a bug in the QMP library" tracebacks and asyncio's
+    # "Task exception was never retrieved".
+    assert "Traceback" not in stderr and "QMP library" not in stderr, stderr
+    assert len(stderr.splitlines()) <= 1, stderr
 
 
 # -- signals to a pytest process that uses the plugin -------------------------------------------------
@@ -263,8 +286,8 @@ def test_ssh_faults_are_typed_and_bounded(tiny_images: None) -> None:
 # -- the cache's disk fills up during a build ------------------------------------------------------
 
 @pytest.fixture
-def full_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 16 MiB tmpfs as the cache: a tiny image's apt indexes alone are bigger."""
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 16 MiB tmpfs for the cache: a tiny image's apt indexes alone are bigger."""
     mnt = tmp_path / "small"
     mnt.mkdir()
     try:
@@ -278,17 +301,39 @@ def full_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
 
 
-@pytest.mark.boot  # no QEMU, but mmdebstrap and the machine's apt sources
-def test_full_cache_disk_fails_the_build_clearly_and_marks_nothing_built(full_disk: Path) -> None:
-    env = {**os.environ, "NESTBED_CACHE": str(full_disk)}
-    proc = nestbed("images", "build", "tiny-x86_64", env=env, timeout=600)
-    assert proc.returncode == 125, proc.stderr
-    assert "Traceback" not in proc.stderr
-    line = next(ln for ln in proc.stderr.splitlines() if ln.startswith("nestbed: error:"))
-    assert "no space left on device" in line, proc.stderr
-    images = full_disk / "images"
+def _build_in_session(env: dict[str, str], timeout: float) -> tuple[int, str]:
+    """`nestbed images build tiny-x86_64` in its own process group, all of it killed on a timeout
+    (killing only nestbed would leave mmdebstrap and apt running)."""
+    proc = subprocess.Popen([sys.executable, "-m", "harness", "images", "build", "tiny-x86_64"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=30)
+        pytest.fail(f"the build on a full disk did not end within {timeout:g} s")
+    return proc.returncode, stderr
+
+
+@pytest.mark.boot  # no QEMU, but mmdebstrap and (for "during-apt") the machine's apt sources
+@pytest.mark.parametrize("when", ["already-full", "fills-during-apt"])
+def test_full_cache_disk_fails_the_build_clearly_and_marks_nothing_built(small_tmpfs: Path, when: str) -> None:
+    env = {**os.environ, "NESTBED_CACHE": str(small_tmpfs)}
+    if when == "already-full":
+        # nestbed's own writes fail (the apt sources file, before any download).
+        (small_tmpfs / "images").mkdir(mode=0o700)
+        with open(small_tmpfs / "ballast", "wb") as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 65536)
+    rc, stderr = _build_in_session(env, timeout=300)
+    assert rc == 125, stderr
+    assert "Traceback" not in stderr, stderr
+    line = next(ln for ln in stderr.splitlines() if ln.startswith("nestbed: error:"))
+    assert "no space left on device" in line, stderr
+    images = small_tmpfs / "images"
     assert not list(images.glob("*/manifest.json")), "a build that ran out of space was marked built"
     assert not list(images.glob(".build-*")), "the failed build left its work directory behind"
+    (small_tmpfs / "ballast").unlink(missing_ok=True)
     listed = nestbed("images", "list", "--json", env=env, timeout=60)
     assert '"name": "tiny-x86_64"' in listed.stdout and '"built": true' not in listed.stdout
 
