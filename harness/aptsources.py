@@ -92,12 +92,21 @@ def machine_sources(apt_dir: Path = APT_DIR) -> list[Source]:
 def restricted(sources: Iterable[Source], suites: Iterable[str]) -> list[Source]:
     """The entries carrying any of *suites*, each cut down to those suites."""
     wanted = list(suites)
+    sources = list(sources)
     out = []
     for src in sources:
         keep = tuple(s for s in src.suites if s in wanted)
         if keep:
             out.append(Source(src.uris, keep, src.components, src.signed_by, src.origin))
     missing = [s for s in wanted if not any(s in src.suites for src in out)]
+    # Debian's backports live beside the main suite on the same mirror, but few machines list
+    # them: derive "<suite>-backports" from the entry that carries "<suite>" (same URIs, keys).
+    for suite in list(missing):
+        base = suite.removesuffix("-backports")
+        donor = next((src for src in sources if suite != base and base in src.suites), None)
+        if donor is not None:
+            out.append(Source(donor.uris, (suite,), donor.components, donor.signed_by, donor.origin))
+            missing.remove(suite)
     if missing:
         raise ImageBuildError(
             f"the machine's apt sources ({APT_DIR}/sources.list*) carry no entry for suite(s) "

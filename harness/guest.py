@@ -42,6 +42,7 @@ class BootOptions:
     cpu: str | None = None
     cpu_flags: tuple[str, ...] = ()
     tcg_threads: str | None = None
+    accel_opts: tuple[str, ...] = ()  # accelerator properties, e.g. ("xen-version=0x4000a", "kernel-irqchip=split")
     kernel: Path | None = None  # boot this kernel with the image's userland
     append: str = ""  # extra kernel command line
     extra_args: tuple[str, ...] = ()
@@ -97,6 +98,7 @@ def spec_for(image: Image, opts: BootOptions, token: str) -> MachineSpec:
     cpu = opts.cpu or ("host" if accel is Accel.KVM else None)
     spec = MachineSpec(
         arch=r.arch, accel=accel, cpu=cpu, cpu_flags=opts.cpu_flags, tcg_threads=opts.tcg_threads,
+        accel_opts=opts.accel_opts,
         # "is None", not "or": --vcpus 0 must be refused by the spec, not replaced silently.
         memory_mb=r.memory_mb if opts.memory_mb is None else opts.memory_mb,
         vcpus=r.vcpus if opts.vcpus is None else opts.vcpus,
@@ -255,7 +257,8 @@ def boot(image: str | Image, *, options: BootOptions | None = None, log_dir: Pat
         raise
     try:
         if Via(via) is Via.SSH:
-            guest.transport = guest.connect_ssh()
+            # Like the ready timeout: each level down is emulated on top of the one above.
+            guest.transport = guest.connect_ssh(timeout=60.0 * (1 if host is None else 3))
         yield guest
     finally:
         guest.poweroff()

@@ -157,6 +157,7 @@ class MachineSpec:
     cpu: str | None = None  # None: the arch's default model (qemu64 / qemu32)
     cpu_flags: tuple[str, ...] = ()  # e.g. ("+svm", "+npt", "-kvm-pv-unhalt")
     tcg_threads: str | None = None  # "single" or "multi" (TCG only)
+    accel_opts: tuple[str, ...] = ()  # e.g. ("xen-version=0x4000a", "kernel-irqchip=split"): -accel kvm,<opts>
     memory_mb: int = 512
     vcpus: int = 1
     firmware: Firmware = Firmware.BIOS
@@ -181,6 +182,9 @@ class MachineSpec:
             raise UsageError("MachineSpec.initrd needs MachineSpec.kernel (direct kernel boot)")
         if self.append and self.kernel is None:
             raise UsageError("MachineSpec.append needs MachineSpec.kernel (direct kernel boot)")
+        for opt in self.accel_opts:
+            if "=" not in opt or "," in opt:
+                raise UsageError(f"MachineSpec.accel_opts: {opt!r} must be one key=value")
         for flag in self.cpu_flags:
             if not flag or flag[0] not in "+-" and "=" not in flag:
                 raise UsageError(f"MachineSpec.cpu_flags: {flag!r} must start with + or - or be key=value")
@@ -244,6 +248,9 @@ def build_argv(spec: MachineSpec, endpoints: Endpoints) -> list[str]:
     accel = spec.accel.value
     if spec.accel is Accel.TCG and spec.tcg_threads:
         accel += f",thread={spec.tcg_threads}"
+    if spec.accel_opts:
+        # On the one -accel: QEMU takes the first accelerator that works, so a second -accel is ignored.
+        accel += "," + ",".join(spec.accel_opts)
     ovmf = ovmf_for(spec.arch, spec.firmware)
     argv = [
         spec.binary,

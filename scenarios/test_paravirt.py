@@ -158,21 +158,8 @@ def test_hyperv_enlightenments(request: pytest.FixtureRequest, nestbed_facts: di
 # -- Xen HVM ---------------------------------------------------------------------------------
 
 XEN_L1 = "l1-host-backports"
-XEN_ACCEL = "kvm,xen-version=0x4000a,kernel-irqchip=split"
-# MachineSpec has no accelerator options yet, and QEMU uses the first -accel that works, so an
-# extra "-accel kvm,xen-version=..." would be ignored.  Until it has, this shim, installed in the
-# Xen L1 only (its root disk is a throw-away snapshot) after L1's own KVM probe, rewrites L2's
-# "-accel kvm" into XEN_ACCEL.
-XEN_SHIM = f"""#!/bin/sh
-# nestbed scenario shim: give L2's -accel kvm the Xen HVM options
-prev=
-for a; do
-  shift
-  if [ "$prev" = -accel ] && [ "$a" = kvm ]; then set -- "$@" "{XEN_ACCEL}"; else set -- "$@" "$a"; fi
-  prev=$a
-done
-exec /usr/bin/qemu-system-x86_64 "$@"
-"""
+XEN_ACCEL_OPTS = ("xen-version=0x4000a", "kernel-irqchip=split")
+XEN_ACCEL = "kvm," + ",".join(XEN_ACCEL_OPTS)
 
 
 @pytest.mark.nightly
@@ -196,12 +183,9 @@ def test_xen_hvm_guest_on_l1_kvm(nestbed_facts: dict[str, Any]) -> None:
                               "l1_qemu": l1.run("qemu-system-x86_64 --version | head -1").stdout.strip()})
         if l1.accel["x86_64"]["chosen"] != "kvm":
             pytest.skip(f"Xen HVM emulation needs KVM in L1: {l1.accel['x86_64']['reason']}")
-        l1.ssh.run("umask 022 && cat > /usr/local/bin/qemu-system-x86_64 && chmod 0755 /usr/local/bin/qemu-system-x86_64",
-                   stdin=XEN_SHIM.encode(), timeout=30)
-        assert l1.ssh.check_output("command -v qemu-system-x86_64") == "/usr/local/bin/qemu-system-x86_64"
         # A disk-less guest: under the Xen HVM emulation Debian's initramfs never saw its virtio-blk
         # root disk ("Gave up waiting for root file system device"), so the L2 is the tiny image.
-        with l1.inner("tiny-x86_64", options=BootOptions(vcpus=2)) as g:
+        with l1.inner("tiny-x86_64", options=BootOptions(vcpus=2, accel=Accel.KVM, accel_opts=XEN_ACCEL_OPTS)) as g:
             # Evidence that L2's QEMU really runs with the Xen options: its command line in L1.
             assert isinstance(g.machine, InnerMachine)
             cmdline = l1.ssh.check_output(f"tr '\\0' ' ' < /proc/$(cat {g.machine.remote_dir}/qemu.pid)/cmdline")

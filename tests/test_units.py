@@ -62,6 +62,13 @@ def test_argv_cpu_flags_and_tcg_threads() -> None:
     assert _opt(argv, "-accel") == ["tcg,thread=single"]
 
 
+def test_accel_options_go_on_the_one_accel() -> None:
+    spec = MachineSpec(accel=Accel.KVM, accel_opts=("xen-version=0x4000a", "kernel-irqchip=split"))
+    assert _opt(build_argv(spec, EP), "-accel") == ["kvm,xen-version=0x4000a,kernel-irqchip=split"]
+    with pytest.raises(UsageError, match="accel_opts"):
+        MachineSpec(accel_opts=("a=1,b=2",))
+
+
 def test_auto_accel_is_refused_by_the_builder() -> None:
     with pytest.raises(UsageError, match="resolved accelerator"):
         build_argv(MachineSpec(), EP)
@@ -184,8 +191,11 @@ def test_deb822_and_restriction(tmp_path: Path) -> None:
     assert [s.suites for s in sources] == [("bookworm", "bookworm-updates"), ("bookworm-security",)]
     only = aptsources.restricted(sources, ["bookworm"])
     assert [s.suites for s in only] == [("bookworm",)]
-    with pytest.raises(ImageBuildError, match="bookworm-backports"):
-        aptsources.restricted(sources, ["bookworm", "bookworm-backports"])
+    # Backports are derived from the entry carrying the main suite (the disabled entry stays unused).
+    bp = aptsources.restricted(sources, ["bookworm", "bookworm-backports"])
+    assert [(s.uris, s.suites) for s in bp] == [(sources[0].uris, ("bookworm",)), (sources[0].uris, ("bookworm-backports",))]
+    with pytest.raises(ImageBuildError, match="trixie-backports"):
+        aptsources.restricted(sources, ["trixie-backports"])
     apt = tmp_path / "apt"
     (apt / "sources.list.d").mkdir(parents=True)
     (apt / "sources.list.d" / "debian.sources").write_text(DEB822)
