@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import secrets
 import time
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from harness import images
-from harness.errors import CapabilityMissing, HarnessError, UsageError
+from harness.errors import CapabilityMissing, ConsoleTimeout, HarnessError, UsageError
 from harness.images import Image
 from harness.machine import Machine, Runstate
 from harness.recipes import Kind
@@ -29,7 +30,14 @@ if TYPE_CHECKING:
     from harness.spec import Firmware
     from harness.ssh import SSHTransport
 
+log = logging.getLogger(__name__)
+
 GUEST_POWEROFF_TIMEOUT = 10.0
+# The kernel's report of a task stuck in D state for 120 s (hung_task_timeout_secs).
+HUNG_TASK_RE = r"INFO: task \S+ blocked for more than \d+ seconds"
+# Boots of guests inside an emulated L1 hang now and then in the L2 kernel (seen: PID 1 blocked
+# for 120 s in early boot under L1's KVM on L0's TCG-emulated SVM); they get one more try.
+NESTED_BOOT_ATTEMPTS = 2
 
 
 @dataclass(frozen=True)
@@ -128,6 +136,7 @@ class Guest:
         self.serial = SerialTransport(machine)
         self.transport: TransportBase = self.serial
         self.ready_seconds: float | None = None
+        self.failed_attempts: list[str] = []  # serial logs of boots that hung before this one came up
         self.ready_lag: float | None = None
         self._ssh: SSHTransport | None = None
         self._host: Any = None
@@ -165,8 +174,17 @@ class Guest:
         return self.machine.spec.accel
 
     def wait_ready(self, timeout: float) -> float:
-        """Wait for init's ready marker; returns seconds since launch."""
-        self.machine.expect(rf"nestbed-ready-{self.machine.token}\n", timeout=timeout, what="ready marker from the guest's init")
+        """Wait for init's ready marker; returns seconds since launch.
+
+        The kernel's hung-task report during boot ends the wait at once (a boot that hangs
+        in the kernel never recovers): :class:`ConsoleTimeout` with the report in the tail.
+        """
+        m = self.machine.expect(rf"nestbed-ready-{self.machine.token}\n|(?P<hung>{HUNG_TASK_RE})", timeout=timeout,
+                                what="ready marker from the guest's init")
+        if m.group("hung"):
+            raise ConsoleTimeout(f"ready marker (the boot hung: {m.group('hung')})", self.machine.uptime or 0.0,
+                                 serial_tail=self.machine.serial_tail(), stderr_tail=self.machine.stderr_text(),
+                                 level=self.machine.level)
         self.ready_seconds = self.machine.uptime
         assert self.machine.console is not None
         # How long after the marker's bytes reached us the harness noticed them.
@@ -236,25 +254,38 @@ def boot(image: str | Image, *, options: BootOptions | None = None, log_dir: Pat
         from harness.vmlinux import fast_kernel  # the same kernel, minus its emulated XZ decompression
 
         opts_resolved = BootOptions(**{**opts_resolved.__dict__, "kernel": fast_kernel(Path(opts.kernel))})
-    token = secrets.token_hex(6)
-    spec = spec_for(img, opts_resolved, token)
-    machine = host.machine(spec, img, token=token, log_dir=log_dir, qmp=qmp) if host \
-        else Machine(spec, log_dir=log_dir, token=token, qmp=qmp)
-    guest = Guest(img, machine, accel_reason=reason)
-    machine.launch()
-    try:
-        if Via(via) is Via.SSH:
-            # paramiko takes ~0.6 s to import: do it while the guest boots, not after its marker.
-            import harness.ssh  # noqa: F401
-        # Recipes' timeouts are for level 1; each level down is emulated on top of the one above.
-        guest.wait_ready(opts.ready_timeout or img.recipe.ready_timeout * (1 if host is None else 3))
-        if opts.reset:
-            from harness.reset import take_reset_point
+    attempts = NESTED_BOOT_ATTEMPTS if host is not None else 1
+    failed: list[str] = []
+    for attempt in range(1, attempts + 1):
+        token = secrets.token_hex(6)
+        spec = spec_for(img, opts_resolved, token)
+        machine = host.machine(spec, img, token=token, log_dir=log_dir, qmp=qmp) if host \
+            else Machine(spec, log_dir=log_dir, token=token, qmp=qmp)
+        guest = Guest(img, machine, accel_reason=reason)
+        machine.launch()
+        try:
+            if Via(via) is Via.SSH:
+                # paramiko takes ~0.6 s to import: do it while the guest boots, not after its marker.
+                import harness.ssh  # noqa: F401
+            # Recipes' timeouts are for level 1; each level down is emulated on top of the one above.
+            guest.wait_ready(opts.ready_timeout or img.recipe.ready_timeout * (1 if host is None else 3))
+            if opts.reset:
+                from harness.reset import take_reset_point
 
-            take_reset_point(guest)  # before SSH connects: a connection in the snapshot would be dead
-    except BaseException:
-        machine.kill()  # never became usable: nothing to shut down gracefully
-        raise
+                take_reset_point(guest)  # before SSH connects: a connection in the snapshot would be dead
+        except ConsoleTimeout as exc:
+            machine.kill()  # never became usable: nothing to shut down gracefully
+            if attempt == attempts or host is None or host.guest.machine.poll() is not None:
+                raise
+            log.warning("level %d boot of %s did not come up (%s; serial log %s); trying once more",
+                        machine.level, img.name, str(exc).splitlines()[0], machine.serial_log_path)
+            failed.append(str(machine.serial_log_path))
+            continue
+        except BaseException:
+            machine.kill()
+            raise
+        break
+    guest.failed_attempts = failed  # recorded with the guest (the plugin reports them)
     try:
         if Via(via) is Via.SSH:
             # Like the ready timeout: each level down is emulated on top of the one above.

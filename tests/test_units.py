@@ -309,3 +309,14 @@ def test_errors_carry_tails_and_level() -> None:
     text = str(err)
     assert text.startswith("level 2: guest kernel panicked") and "Kernel panic" in text and "qemu: warn" in text
     assert ConsoleTimeout("ready marker", 5.0).message == "no ready marker on the serial console within 5 s"
+
+
+def test_hung_task_report_is_recognised() -> None:
+    import re
+
+    from harness.guest import HUNG_TASK_RE
+
+    # Captured from an L2 whose boot hung under L1's KVM (2026-11-25).
+    line = "[  242.929227] INFO: task swapper/0:1 blocked for more than 120 seconds."
+    assert re.search(HUNG_TASK_RE, line)
+    assert not re.search(HUNG_TASK_RE, "[    1.0] INFO: task queued")
