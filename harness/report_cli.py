@@ -114,7 +114,10 @@ def pytest_argv(args: argparse.Namespace, out: Path, matrix_path: Path, extra: l
     """The pytest command line a report run uses (pure: tested)."""
     scenarios = str(Path(args.scenarios).resolve()) if getattr(args, "scenarios", None) else str(
         SCENARIOS.relative_to(REPO))
-    argv = [sys.executable, "-m", "pytest", scenarios, "-v", "-p", "no:cacheprovider",
+    # Node ids relative to the scenario directory's parent ("scenarios/test_boot.py::..."), whatever
+    # paths the other arguments name: pytest would otherwise root them at their common ancestor.
+    rootdir = (REPO / scenarios).resolve().parent
+    argv = [sys.executable, "-m", "pytest", scenarios, "-v", "-p", "no:cacheprovider", "--rootdir", str(rootdir),
             "--junitxml", str(out / "junit.xml"), "--nestbed-report", str(out),
             "--nestbed-log-dir", str(out / "logs"), "--nestbed-matrix", str(matrix_path),
             "--nestbed-tier", args.tier]

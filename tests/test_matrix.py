@@ -210,44 +210,46 @@ def _selected(result: pytest.RunResult) -> list[str]:
 
 @pytest.fixture
 def scenario_dir(pytester: pytest.Pytester) -> Path:
+    # The fake scenarios are run in a subprocess: this worker may have imported tests/test_boot.py,
+    # and an in-process run would take that module for the fake test_boot.py.
     pytester.makepyfile(test_boot=SCENARIO, test_nested=NESTED)
     (pytester.path / "matrix.toml").write_text(MINI)
     return pytester.path
 
 
 def test_collection_hook_selects_tier_and_deselects_exclusions(pytester: pytest.Pytester, scenario_dir: Path) -> None:
-    result = pytester.runpytest("--collect-only", "-q", "--nestbed-matrix", "matrix.toml", "--nestbed-tier", "smoke")
+    result = pytester.runpytest_subprocess("--collect-only", "-q", "--nestbed-matrix", "matrix.toml", "--nestbed-tier", "smoke")
     got = _selected(result)
     assert "test_nested.py::test_l2[i386]" not in got  # excluded: i386 at level 2
     assert got == sorted(["test_boot.py::test_boot[serial-x86_64]", "test_boot.py::test_boot[serial-i386]",
                           "test_boot.py::test_boot[ssh-x86_64]", "test_boot.py::test_boot[ssh-i386]",
                           "test_nested.py::test_l2[x86_64]"])
-    full = _selected(pytester.runpytest("--collect-only", "-q", "--nestbed-matrix", "matrix.toml", "--nestbed-tier",
+    full = _selected(pytester.runpytest_subprocess("--collect-only", "-q", "--nestbed-matrix", "matrix.toml", "--nestbed-tier",
                                         "full"))
     assert "test_boot.py::test_full_only" in full and len(full) == 9
 
 
 def test_shards_partition_the_tier_and_keep_module_scoped_groups(pytester: pytest.Pytester, scenario_dir: Path) -> None:
     base = ["--collect-only", "-q", "--nestbed-matrix", "matrix.toml", "--nestbed-tier", "full"]
-    whole = _selected(pytester.runpytest(*base))
-    parts = [_selected(pytester.runpytest(*base, "--nestbed-shard", f"{i}/3")) for i in (1, 2, 3)]
+    whole = _selected(pytester.runpytest_subprocess(*base))
+    parts = [_selected(pytester.runpytest_subprocess(*base, "--nestbed-shard", f"{i}/3")) for i in (1, 2, 3)]
     flat = [n for p in parts for n in p]
     assert sorted(flat) == whole and len(flat) == len(set(flat))
     nested_owners = [i for i, p in enumerate(parts) if any(n.startswith("test_nested.py") for n in p)]
     assert len(nested_owners) == 1  # the module-scoped l1 is booted once
     # The same command gives the same shard.
-    assert _selected(pytester.runpytest(*base, "--nestbed-shard", "2/3")) == parts[1]
+    assert _selected(pytester.runpytest_subprocess(*base, "--nestbed-shard", "2/3")) == parts[1]
 
 
 def test_bad_matrix_or_shard_is_a_usage_error(pytester: pytest.Pytester, scenario_dir: Path) -> None:
     (pytester.path / "bad.toml").write_text(MINI.replace("version = 1", "version = 1\nspeed = 'fast'"))
-    result = pytester.runpytest("--collect-only", "--nestbed-matrix", "bad.toml")
+    result = pytester.runpytest_subprocess("--collect-only", "--nestbed-matrix", "bad.toml")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*bad.toml: speed: unknown key*"])
-    result = pytester.runpytest("--collect-only", "--nestbed-shard", "5/4")
+    result = pytester.runpytest_subprocess("--collect-only", "--nestbed-shard", "5/4")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*--shard '5/4': need 1 <= I <= N*"])
-    result = pytester.runpytest("--collect-only", "--nestbed-tier", "smoke")
+    result = pytester.runpytest_subprocess("--collect-only", "--nestbed-tier", "smoke")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*--nestbed-tier needs a matrix*"])
 

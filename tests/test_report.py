@@ -369,7 +369,7 @@ def test_report_command_line() -> None:
     joined = " ".join(argv)
     for part in ("--nestbed-report /r", "--junitxml /r/junit.xml", "--nestbed-log-dir /r/logs",
                  "--nestbed-tier nightly", "--nestbed-shard 2/4", "-n auto --dist loadscope",
-                 "--nestbed-matrix /m.toml"):
+                 "--nestbed-matrix /m.toml", f"--rootdir {Path(__file__).resolve().parent.parent}"):
         assert part in joined, part
     assert argv[-2:] == ["-k", "boot"]
     assert "-n" not in pytest_argv(argparse.Namespace(tier="smoke", shard=None, numprocesses="0"), Path("/r"),
