@@ -5,26 +5,28 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from typing import TextIO
+from typing import Self, TextIO
 
 
-class StepProgress:
-    """Call with a message for each step; on a TTY the current step shows a running clock.
+class _LiveLine:
+    """One status line redrawn twice a second on a terminal (a context manager: the ticker
+    stops and the line is cleared on exit); subclasses say what the line reads."""
 
-    Use as a context manager so the ticker stops and the line is finished.
-    """
+    WIDTH = 160
 
-    def __init__(self, title: str, stream: TextIO | None = None) -> None:
+    def __init__(self, title: str, stream: TextIO | None = None, *, tty: bool | None = None) -> None:
         self.title = title
         self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
-        self.started = time.monotonic()
-        self.step = ""
+        self.tty = self.stream.isatty() if tty is None else tty
+        self.started_at = time.monotonic()
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._ticker: threading.Thread | None = None
 
-    def __enter__(self) -> StepProgress:
+    def line(self) -> str:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
         if self.tty:
             self._ticker = threading.Thread(target=self._tick, daemon=True, name="nestbed-progress")
             self._ticker.start()
@@ -38,23 +40,34 @@ class StepProgress:
                 self.stream.write("\r\033[K")
                 self.stream.flush()
 
-    def _line(self) -> str:
-        return f"nestbed: [{time.monotonic() - self.started:5.1f}s] {self.title}: {self.step}"
+    def _write_live(self) -> None:
+        self.stream.write("\r\033[K" + self.line()[:self.WIDTH])
+        self.stream.flush()
 
     def _tick(self) -> None:
         while not self._stop.wait(0.5):
             with self._lock:
-                self.stream.write("\r\033[K" + self._line()[: 150])
-                self.stream.flush()
+                self._write_live()
+
+
+class StepProgress(_LiveLine):
+    """Call with a message for each step; on a TTY the current step shows a running clock."""
+
+    def __init__(self, title: str, stream: TextIO | None = None) -> None:
+        super().__init__(title, stream)
+        self.step = ""
+
+    def line(self) -> str:
+        return f"nestbed: [{time.monotonic() - self.started_at:5.1f}s] {self.title}: {self.step}"
 
     def __call__(self, message: str) -> None:
         with self._lock:
             self.step = message
             if self.tty:
-                self.stream.write("\r\033[K" + self._line()[: 150])
+                self._write_live()
             else:
-                self.stream.write(self._line() + "\n")
-            self.stream.flush()
+                self.stream.write(self.line() + "\n")
+                self.stream.flush()
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -62,7 +75,7 @@ def _fmt_eta(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-class CellProgress:
+class CellProgress(_LiveLine):
     """Progress over a known number of cells (tests): done/total, outcomes, the running cell, ETA.
 
     On a terminal one live line is redrawn twice a second; otherwise (CI logs) one plain line is
@@ -72,31 +85,11 @@ class CellProgress:
     """
 
     def __init__(self, title: str, stream: TextIO | None = None, *, tty: bool | None = None) -> None:
-        self.title = title
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty() if tty is None else tty
-        self.started_at = time.monotonic()
+        super().__init__(title, stream, tty=tty)
         self.total: int | None = None
         self.done = 0
         self.outcomes: dict[str, int] = {}
         self.running: list[str] = []
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._ticker: threading.Thread | None = None
-
-    def __enter__(self) -> CellProgress:
-        if self.tty:
-            self._ticker = threading.Thread(target=self._tick, daemon=True, name="nestbed-cell-progress")
-            self._ticker.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._ticker is not None:
-            self._ticker.join(timeout=2)
-            with self._lock:
-                self.stream.write("\r\033[K")
-                self.stream.flush()
 
     def eta(self) -> float | None:
         """Seconds left, or None before the first cell finished."""
@@ -119,16 +112,6 @@ class CellProgress:
             more = f" (+{len(self.running) - 1})" if len(self.running) > 1 else ""
             parts.append(f"| {self.running[-1]}{more}")
         return " ".join(parts)
-
-    def _write_live(self) -> None:
-        width = 160
-        self.stream.write("\r\033[K" + self.line()[:width])
-        self.stream.flush()
-
-    def _tick(self) -> None:
-        while not self._stop.wait(0.5):
-            with self._lock:
-                self._write_live()
 
     def set_total(self, total: int) -> None:
         with self._lock:
