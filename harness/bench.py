@@ -128,6 +128,18 @@ def bench_debian_ssh(runs: int) -> dict[str, Any]:
             "target_ssh_ready": 8.0, "meets_target": statistics.median(ssh) <= 8.0}
 
 
+@benchmark("image-build", slow=True)
+def bench_image_build(runs: int) -> dict[str, Any]:
+    """debian-x86_64 built cold into an empty cache (once: a build is ~1-2 min), then warm (cache hits)."""
+    with tempfile.TemporaryDirectory(prefix="nestbed-bench-cache-", dir=paths.cache_root()) as tmp:
+        cli = [sys.executable, "-m", "harness", "--cache-dir", tmp, "images", "build", "debian-x86_64"]
+        cold = [_timed(cli)]
+        warm = [_timed(cli) for _ in range(runs)]
+    return {"what": "`nestbed images build debian-x86_64`: cold = into an empty cache (mmdebstrap, customize, "
+                    "mke2fs -d, qcow2; one run), warm = the same command again (a cache hit, whole CLI)",
+            "cold_build": _stats(cold), "warm_build": _stats(warm)}
+
+
 @benchmark("nested-level-2")
 def bench_nested(runs: int) -> dict[str, Any]:
     """L1 ready, L2 (debian-x86_64 under L1's KVM) SSH-ready after L1, and the whole level-2 run."""
