@@ -235,6 +235,9 @@ class Machine:
 
     # -- process hooks (overridden for QEMUs that run inside another guest) --------------
 
+    def blame_outer(self) -> None:
+        """Raise the error of the level this machine runs in if that level has died (no-op at level 1)."""
+
     def poll(self) -> int | None:
         """QEMU's exit status if it has exited, else None."""
         return self.proc.poll() if self.proc is not None else None

@@ -246,6 +246,9 @@ class InnerMachine(Machine):
 
     # -- process hooks ---------------------------------------------------------------------
 
+    def blame_outer(self) -> None:
+        self._blame()
+
     def _blame(self) -> None:
         outer = self.host.guest.machine
         # A SIGKILLed outer QEMU closes its sockets (our SSH and relays see EOF) a moment

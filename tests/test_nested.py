@@ -99,3 +99,16 @@ def test_cli_level_3_runs_under_level_2s_kvm() -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "kvm-clock\n"
     assert "accel kvm" in proc.stderr
+
+
+def test_a_dead_l1_is_replaced_for_the_next_test(_nestbed_module_l1) -> None:  # type: ignore[no-untyped-def]
+    # Runs last in the module: it kills the module's L1 the way an L1 reset ends it.
+    old = _nestbed_module_l1.get()
+    assert old.guest.machine.proc is not None
+    old.guest.machine.proc.kill()
+    old.guest.machine.proc.wait(timeout=30)
+    new = _nestbed_module_l1.get()
+    assert new is not old and new.guest.machine.poll() is None
+    assert _nestbed_module_l1.deaths[-1] == str(old.guest.machine.serial_log_path)
+    with new.inner("tiny-x86_64") as g:
+        assert g.check_output("uname -m") == "x86_64"
