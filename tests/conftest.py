@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,19 @@ def qemu_pids_under(run_root: Path, owners: set[int] | None = None) -> list[int]
                 continue  # someone else's live harness
         found.append(int(entry.name))
     return found
+
+
+def pid_gone(pid: int, timeout: float = 10) -> bool:
+    """Whether process *pid* is gone (or a zombie) within *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if ") Z " in Path(f"/proc/{pid}/stat").read_text():
+                return True
+        except OSError:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def nestbed(*args: str, timeout: float = 300, **kw: object) -> subprocess.CompletedProcess[str]:

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, nestbed, qemu_pids_under
+from conftest import REPO, nestbed, pid_gone, qemu_pids_under
 
 from harness import paths
 from harness.errors import GuestPanic, MachineStateError, QemuCrashed, TransportError
@@ -132,18 +132,6 @@ def _wait_for_qemu_child(parent: int, timeout: float = 60) -> int:
     raise AssertionError("the harness never started QEMU")
 
 
-def _gone(pid: int, timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if ") Z " in Path(f"/proc/{pid}/stat").read_text():
-                return True
-        except OSError:
-            return True
-        time.sleep(0.05)
-    return False
-
-
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
 def test_harness_killed_mid_boot_leaves_no_qemu(sig: signal.Signals) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "harness", "run", "tiny-x86_64", "--", "sleep", "60"],
@@ -152,7 +140,7 @@ def test_harness_killed_mid_boot_leaves_no_qemu(sig: signal.Signals) -> None:
         qemu = _wait_for_qemu_child(proc.pid)
         proc.send_signal(sig)
         rc = proc.wait(timeout=30)
-        assert _gone(qemu), f"QEMU {qemu} survived {sig.name} of its harness"
+        assert pid_gone(qemu), f"QEMU {qemu} survived {sig.name} of its harness"
         if sig is signal.SIGTERM:
             assert rc == 143
         elif sig is signal.SIGINT:

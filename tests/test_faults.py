@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, nestbed, qemu_pids_under
+from conftest import REPO, nestbed, pid_gone, qemu_pids_under
 
 from harness import paths
 from harness.errors import CommandTimedOut, ConsoleTimeout, HarnessError, TransportError
@@ -56,18 +56,6 @@ def _wait_for_qemu(parent: int, name: str, proc: subprocess.Popen[str], timeout:
     raise AssertionError(f"the harness never started a {name} QEMU")
 
 
-def _gone(pid: int, timeout: float = 15) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if ") Z " in Path(f"/proc/{pid}/stat").read_text():
-                return True
-        except OSError:
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def _run_dirs_of(pid: int) -> list[Path]:
     return list(paths.run_root().glob(f"*-{pid}-*"))
 
@@ -84,7 +72,7 @@ def _signal_and_check(proc: subprocess.Popen[str], qemu: int, sig: signal.Signal
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
-    assert _gone(qemu), f"QEMU {qemu} survived {sig.name} of its harness"
+    assert pid_gone(qemu, timeout=15), f"QEMU {qemu} survived {sig.name} of its harness"
     left = _run_dirs_of(proc.pid)
     if left:
         # A harness that could not unwind (SIGKILL, an unhandled SIGTERM) leaves them; the
