@@ -106,8 +106,11 @@ class GuestPanic(GuestError):
 
 
 class QemuExited(GuestError):
-    def __init__(self, message: str, *, returncode: int | None, **kw: object) -> None:
+    """QEMU exited; ``reason`` is its QMP SHUTDOWN reason when it said one (``guest-reset``, ...)."""
+
+    def __init__(self, message: str, *, returncode: int | None, reason: str | None = None, **kw: object) -> None:
         self.returncode = returncode
+        self.reason = reason
         super().__init__(message, **kw)  # type: ignore[arg-type]
 
 

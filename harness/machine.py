@@ -48,6 +48,15 @@ QMP_TIMEOUT = 10.0
 POWERDOWN_TIMEOUT = 20.0
 QUIT_TIMEOUT = 5.0
 KILL_TIMEOUT = 5.0
+EVENT_WAIT = 2.0  # how long an exited QEMU's last QMP events are waited for
+# QMP SHUTDOWN reasons that explain an unexpected exit (QEMU runs with -no-reboot).
+SHUTDOWN_REASONS = {
+    "guest-reset": "the guest reset the machine: a reboot or a triple fault",
+    "guest-shutdown": "the guest powered off",
+    "guest-panic": "the guest panicked (pvpanic)",
+    "host-signal": "QEMU got a signal",
+    "host-qmp-quit": "quit over QMP",
+}
 PR_SET_PDEATHSIG = 1
 
 
@@ -310,7 +319,29 @@ class Machine:
             first = next((ln for ln in stderr.splitlines() if "qemu: fatal:" in ln), "")
             sig = f"killed by signal {-rc}" if rc is not None and rc < 0 else f"exit status {rc}"
             raise QemuCrashed(f"QEMU crashed ({sig}) {first}".strip(), returncode=rc, **kw) from cause
-        raise QemuExited(f"QEMU exited unexpectedly (exit status {rc}): {why}", returncode=rc, **kw) from cause
+        reason = self.shutdown_reason() if rc == 0 else None
+        said = f", {SHUTDOWN_REASONS.get(reason, 'QMP SHUTDOWN reason ' + reason)}" if reason else ""
+        raise QemuExited(f"QEMU exited unexpectedly (exit status {rc}{said}): {why}", returncode=rc,
+                         reason=reason, **kw) from cause
+
+    def shutdown_reason(self) -> str | None:
+        """The ``reason`` of the SHUTDOWN event QEMU sent on QMP before it exited, if any.
+
+        ``guest-reset`` is a guest that reset the machine (a reboot or a triple fault:
+        with ``-no-reboot`` QEMU exits 0), ``guest-shutdown`` a poweroff, ``guest-panic``
+        pvpanic.  Only events nobody consumed are seen; bounded by ``EVENT_WAIT``.
+        """
+        if self.qmp is None:
+            return None
+        deadline = time.monotonic() + EVENT_WAIT
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                ev = self.qmp.pull_event(wait=float(left))
+                if ev and ev.get("event") == "SHUTDOWN":
+                    return str(ev.get("data", {}).get("reason") or "") or None
+        except Exception:  # noqa: BLE001 - a closed or timed-out QMP just means "unknown"
+            return None
+        return None
 
     # -- console -------------------------------------------------------------------------
 

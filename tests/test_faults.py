@@ -25,7 +25,7 @@ import pytest
 from conftest import REPO, nestbed, pid_gone, qemu_pids_under
 
 from harness import paths
-from harness.errors import CommandTimedOut, ConsoleTimeout, HarnessError, TransportError
+from harness.errors import CommandTimedOut, ConsoleTimeout, HarnessError, QemuExited, TransportError
 from harness.guest import BootOptions, boot
 from harness.machine import sweep_stale_runs
 from harness.soak import Outcome, parse_junit, render, tally
@@ -196,6 +196,16 @@ def test_init_that_never_signals_ready_is_a_console_timeout_with_the_tail(tiny_i
     assert "ready marker" in str(info.value)
     assert "as init process" in info.value.serial_tail, info.value.serial_tail[-2000:]
     assert "--- serial console (tail) ---" in str(info.value)
+
+
+@pytest.mark.boot
+def test_a_guest_that_resets_itself_is_named_a_reset(tiny_images: None) -> None:
+    # With -no-reboot a guest reset (a reboot, or the triple fault of a broken CPU emulation)
+    # ends QEMU with status 0, like a poweroff: the error tells them apart by QMP's SHUTDOWN reason.
+    with boot("tiny-x86_64") as g, pytest.raises(QemuExited) as info:
+        g.run("echo b > /proc/sysrq-trigger; sleep 30", timeout=60)
+    assert info.value.returncode == 0 and info.value.reason == "guest-reset", str(info.value)
+    assert "(exit status 0, the guest reset the machine: a reboot or a triple fault)" in info.value.headline
 
 
 @pytest.mark.boot

@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import nestbed
 
-from harness.errors import QemuCrashed
+from harness.errors import QemuCrashed, QemuExited
 from harness.guest import BootOptions
 from harness.nested import L1Host, boot_l1
 from harness.spec import Accel
@@ -84,6 +84,15 @@ def test_two_l2_guests_at_once_are_isolated(inner_guest) -> None:  # type: ignor
     assert b.check_output("cat /tmp/mark") == "from-b"
     assert a.machine.level == b.machine.level == 2
     assert a.machine.token != b.machine.token
+
+
+def test_an_l2_that_resets_itself_is_named_a_reset_at_level_2(l1: L1Host) -> None:
+    # The QMP SHUTDOWN reason reaches L0 through L1's tunnel too; the L1 lives on.
+    with l1.inner("tiny-x86_64") as g, pytest.raises(QemuExited) as info:
+        g.run("echo b > /proc/sysrq-trigger; sleep 30", timeout=60)
+    assert info.value.level == 2 and info.value.reason == "guest-reset", str(info.value)
+    assert info.value.headline.startswith("level 2: QEMU exited unexpectedly (exit status 0, the guest reset")
+    assert l1.run("echo alive").stdout == "alive\n"
 
 
 def _kvm() -> BootOptions:
