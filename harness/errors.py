@@ -11,7 +11,7 @@ The tree::
     ├── LaunchError                QEMU could not be started, or exited before it was usable
     ├── GuestError                 the guest or its QEMU failed while we watched it
     │   ├── GuestPanic             "Kernel panic" on the serial console
-    │   ├── QemuExited             QEMU exited unexpectedly (status, stderr tail)
+    │   ├── QemuExited             QEMU exited unexpectedly (status, QMP SHUTDOWN reason, stderr tail)
     │   │   └── QemuCrashed        QEMU aborted ("qemu: fatal: ...", signal); carries the dump
     │   └── ConsoleTimeout(pattern) waited on the console in vain
     ├── CommandTimedOut(command)   a guest command outlived its timeout
