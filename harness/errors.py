@@ -13,6 +13,7 @@ The tree::
     │   ├── GuestPanic             "Kernel panic" on the serial console
     │   ├── QemuExited             QEMU exited unexpectedly (status, QMP SHUTDOWN reason, stderr tail)
     │   │   └── QemuCrashed        QEMU aborted ("qemu: fatal: ...", signal); carries the dump
+    │   ├── GuestFrozen            no answer on SSH nor on the serial console: nestbed killed QEMU
     │   └── ConsoleTimeout(pattern) waited on the console in vain
     ├── CommandTimedOut(command)   a guest command outlived its timeout
     ├── CommandFailed(result)      ``check_output`` on a non-zero exit status
@@ -120,6 +121,10 @@ class QemuCrashed(QemuExited):
     @property
     def dump(self) -> str:
         return self.stderr_tail
+
+
+class GuestFrozen(GuestError):
+    """The guest stopped answering on SSH and on its serial console; nestbed killed its QEMU."""
 
 
 class ConsoleTimeout(GuestError):

@@ -33,6 +33,7 @@ from harness import paths
 from harness.console import SocketSpawn, open_log
 from harness.errors import (
     ConsoleTimeout,
+    GuestFrozen,
     GuestPanic,
     LaunchError,
     MachineStateError,
@@ -159,6 +160,7 @@ class Machine:
         self.stderr_path: Path | None = None
         self._serial_log: IO[bytes] | None = None
         self._launched_at = 0.0
+        self.killed_because: str | None = None  # set when nestbed killed a QEMU whose guest froze
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -315,6 +317,8 @@ class Machine:
         rc = self.wait(KILL_TIMEOUT)
         stderr = self.stderr_text()
         kw: dict[str, Any] = dict(serial_tail=self.serial_tail(), stderr_tail=stderr, level=self.level)
+        if self.killed_because:
+            raise GuestFrozen(f"{self.killed_because}: {why}", **kw) from cause
         if "qemu: fatal:" in stderr or (rc is not None and rc < 0):
             first = next((ln for ln in stderr.splitlines() if "qemu: fatal:" in ln), "")
             sig = f"killed by signal {-rc}" if rc is not None and rc < 0 else f"exit status {rc}"

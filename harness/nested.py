@@ -22,6 +22,7 @@ import json
 import random
 import shlex
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ REMOTE_RUN = "/run/nestbed"
 L2_KVM_PROBE_DEADLINE = 90.0
 L2_KVM_PROBE_TRIES = 2  # boots of the tiny KVM guest before L1's KVM is called unusable
 CONNECT_DEADLINE = 60.0
+FREEZE_CHECK = 30.0  # seconds a host's serial console gets to answer after an SSH stall
 BLAME_GRACE = 3.0  # seconds an outer QEMU may take to be reaped after its sockets closed
 
 # QEMU-version-specific failures seen on real machines, with their evidence.  Each is
@@ -138,9 +140,36 @@ class L1Host:
     accel: dict[str, dict[str, str]] = field(default_factory=dict)
     level: int = 1
 
+    _freeze_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
     @property
     def ssh(self) -> Any:
-        return self.guest.connect_ssh()
+        t = self.guest.connect_ssh()
+        t.on_stall = self.check_frozen
+        return t
+
+    def check_frozen(self, err: HarnessError) -> None:
+        """After an SSH stall on this host: raise the truer error if there is one.
+
+        A host whose QEMU died raises its exit error.  One that is alive but does not answer
+        on its serial console either within ``FREEZE_CHECK`` seconds has frozen (an emulated
+        L1 does, now and then, under an L2: RELIABILITY.md): its QEMU is killed, so that the
+        plugin's pool replaces it, and :class:`~harness.errors.GuestFrozen` says so.  A host
+        that answers leaves *err* standing.
+        """
+        m = self.guest.machine
+        with self._freeze_lock:
+            if m.poll() is None and m.killed_because is None:
+                try:
+                    self.guest.serial.run("true", timeout=FREEZE_CHECK)
+                    return
+                except HarnessError:
+                    if m.poll() is None:
+                        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+                        m.killed_because = (f"froze ({first}; no answer on the serial console within "
+                                            f"{FREEZE_CHECK:g} s either) and was killed")
+                        m._hard_kill()
+        m._raise_exited(f"level {self.level} died")
 
     def run(self, cmd: str, *args: str, timeout: float = 60.0) -> Any:
         return self.ssh.run(cmd, *args, timeout=timeout)
@@ -254,7 +283,9 @@ class InnerMachine(Machine):
     # -- process hooks ---------------------------------------------------------------------
 
     def blame_outer(self) -> None:
+        """After a lost connection or a timeout at this level: a dead or frozen host is the real error."""
         self._blame()
+        self.host.check_frozen(TransportError(f"level {self.level} got no answer through it"))
 
     def _blame(self) -> None:
         outer = self.host.guest.machine

@@ -15,13 +15,13 @@ import logging
 import select
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import paramiko
 
-from harness.errors import CommandTimedOut, TransportError
+from harness.errors import CommandTimedOut, HarnessError, TransportError
 from harness.transport import DEFAULT_TIMEOUT, CommandResult, TransportBase, quote_command
 
 CONNECT_TIMEOUT = 60.0
@@ -64,6 +64,10 @@ class SSHTransport(TransportBase):
                  sock_factory: Any = None) -> None:
         self.name = name
         self.host, self.port, self.user = host, port, user
+        # Called with the error when the connection stalls (a channel that does not open in time,
+        # a connection lost or closed, a command past its timeout); it may raise a truer error,
+        # e.g. "level 1 froze" (harness.nested.L1Host.check_frozen).
+        self.on_stall: Callable[[HarnessError], None] | None = None
         self.client = pinned_client(host_key, f"[{host}]:{port}" if port != 22 else host)
         pkey = paramiko.Ed25519Key.from_private_key_file(str(key_path))
         deadline = time.monotonic() + timeout
@@ -98,15 +102,22 @@ class SSHTransport(TransportBase):
     def transport(self) -> paramiko.Transport:
         t = self.client.get_transport()
         if t is None or not t.is_active():
-            raise TransportError(f"{self.name}: connection is closed")
+            raise self._stalled(TransportError(f"{self.name}: connection is closed"))
         return t
+
+    def _stalled(self, err: HarnessError) -> HarnessError:
+        if self.on_stall is not None:
+            self.on_stall(err)
+        return err
 
     def open_tunnel(self, host: str, port: int, *, timeout: float = 10.0) -> paramiko.Channel:
         """A ``direct-tcpip`` channel to host:port as seen from this guest."""
         try:
             return self.transport.open_channel("direct-tcpip", (host, port), ("127.0.0.1", 0), timeout=timeout)
         except (paramiko.SSHException, OSError) as exc:
-            raise TransportError(f"{self.name}: cannot open a tunnel to {host}:{port}: {exc}") from None
+            err = TransportError(f"{self.name}: cannot open a tunnel to {host}:{port}: {exc}")
+            # "Connect failed" is the guest answering that nothing listens there: no stall
+            raise (err if isinstance(exc, paramiko.ChannelException) else self._stalled(err)) from None
 
     def run(self, cmd: str, *args: str, timeout: float = DEFAULT_TIMEOUT, stdin: bytes | None = None
             ) -> CommandResult:
@@ -124,7 +135,7 @@ class SSHTransport(TransportBase):
             finally:
                 watchdog.cancel()
         except (paramiko.SSHException, OSError, EOFError) as exc:
-            raise TransportError(f"{self.name}: cannot start {command!r}: {exc}") from None
+            raise self._stalled(TransportError(f"{self.name}: cannot start {command!r}: {exc}")) from None
         out, err = bytearray(), bytearray()
         try:
             if stdin is not None:
@@ -147,19 +158,20 @@ class SSHTransport(TransportBase):
                     break
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise CommandTimedOut(command, timeout)
+                    raise self._stalled(CommandTimedOut(command, timeout))
                 # sshd killed in the guest: paramiko's transport goes inactive, but the channel
                 # is neither closed nor readable; without this check we waited out the timeout.
                 transport = chan.get_transport()
                 alive = transport is not None and transport.is_active()
                 if not chan.exit_status_ready() and (chan.closed or not alive):
-                    raise TransportError(f"{self.name}: connection lost while running {command!r}")
+                    raise self._stalled(TransportError(f"{self.name}: connection lost while running {command!r}"))
                 if not alive:
                     break  # the exit status came, then the connection went before the channel's EOF
                 select.select([chan], [], [], min(left, 1.0))
             status = chan.recv_exit_status()
         except (OSError, EOFError, paramiko.SSHException) as exc:
-            raise TransportError(f"{self.name}: connection lost while running {command!r}: {exc}") from None
+            raise self._stalled(
+                TransportError(f"{self.name}: connection lost while running {command!r}: {exc}")) from None
         finally:
             chan.close()
         if status == -1:

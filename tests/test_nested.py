@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 
 import pytest
 from conftest import nestbed
 
-from harness.errors import QemuCrashed, QemuExited
+from harness.errors import GuestFrozen, QemuCrashed, QemuExited
 from harness.guest import BootOptions
 from harness.nested import L1Host, boot_l1, known_failure
 from harness.spec import Accel
@@ -134,12 +135,25 @@ def test_cli_level_3_runs_under_level_2s_kvm() -> None:
     assert "accel kvm" in proc.stderr
 
 
-def test_a_dead_l1_is_replaced_for_the_next_test(_nestbed_module_l1) -> None:  # type: ignore[no-untyped-def]
-    # Runs last in the module: it kills the module's L1 the way an L1 reset ends it.
+def test_a_frozen_l1_is_named_killed_and_replaced(_nestbed_module_l1, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    # Runs last in the module: it freezes the module's L1 (QMP "stop": no vCPU runs, as when an
+    # emulated L1 hangs under an L2; SSH's TCP still connects to L0's slirp).
+    from harness import nested
+
+    monkeypatch.setattr(nested, "FREEZE_CHECK", 5.0)
     old = _nestbed_module_l1.get()
-    assert old.guest.machine.proc is not None
-    old.guest.machine.proc.kill()
-    old.guest.machine.proc.wait(timeout=30)
+    with old.inner("tiny-x86_64") as g:
+        old.guest.machine.qmp.cmd("stop")
+        started = time.monotonic()
+        with pytest.raises(GuestFrozen) as info:
+            old.run("true", timeout=10)  # L1's SSH stalls: the serial console is asked, then QEMU killed
+        assert time.monotonic() - started < 60
+        assert info.value.level == 1 and "level 1 died" in info.value.headline, info.value.headline
+        assert "no answer on the serial console within 5 s either) and was killed" in info.value.headline
+        assert old.guest.machine.poll() is not None
+        with pytest.raises(GuestFrozen) as info:  # the L2 blames its L1, not itself
+            g.run("true", timeout=10)
+        assert info.value.level == 1
     new = _nestbed_module_l1.get()
     assert new is not old and new.guest.machine.poll() is None
     assert _nestbed_module_l1.deaths[-1] == str(old.guest.machine.serial_log_path)
