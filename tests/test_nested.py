@@ -58,6 +58,8 @@ def test_l2_debian_runs_under_l1_kvm_with_kvm_clock(l1: L1Host, via: str) -> Non
     with l1.inner("debian-x86_64", via=via) as g:
         assert g.machine.level == 2
         assert g.accel is Accel.KVM
+        # no more vCPUs than L1 has (1 on L0's TCG), since the recipe did not insist
+        assert g.machine.spec.vcpus == min(2, l1.vcpus) and g.check_output("nproc") == str(g.machine.spec.vcpus)
         assert g.check_output(CLOCKSOURCE) == "kvm-clock"
         # grep in the guest: all of dmesg over an L2's serial console is some 100 kB of port I/O exits
         assert g.check_output("dmesg | grep 'Hypervisor detected'").endswith("Hypervisor detected: KVM")

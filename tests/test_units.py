@@ -62,6 +62,15 @@ def test_argv_cpu_flags_and_tcg_threads() -> None:
     assert _opt(argv, "-accel") == ["tcg,thread=single"]
 
 
+def test_an_l1_on_tcg_gets_one_vcpu_and_on_kvm_its_recipes() -> None:
+    from harness.nested import l1_options
+
+    tcg = l1_options(Accel.TCG, 2, 2048)
+    assert (tcg.vcpus, tcg.cpu, tcg.cpu_flags, tcg.memory_mb) == (1, "qemu64", ("+svm", "+npt"), 2048)
+    kvm = l1_options(Accel.KVM, 2, 2048)
+    assert (kvm.vcpus, kvm.cpu, kvm.cpu_flags) == (2, "host", ())
+
+
 def test_accel_options_go_on_the_one_accel() -> None:
     spec = MachineSpec(accel=Accel.KVM, accel_opts=("xen-version=0x4000a", "kernel-irqchip=split"))
     assert _opt(build_argv(spec, EP), "-accel") == ["kvm,xen-version=0x4000a,kernel-irqchip=split"]
