@@ -9,7 +9,7 @@ import time
 import pytest
 from conftest import nestbed
 
-from harness.errors import GuestFrozen, QemuCrashed, QemuExited
+from harness.errors import CommandTimedOut, GuestFrozen, QemuCrashed, QemuExited
 from harness.guest import BootOptions
 from harness.nested import L1Host, boot_l1, known_failure
 from harness.spec import Accel
@@ -98,6 +98,16 @@ def test_an_l2_that_resets_itself_is_named_a_reset_at_level_2(l1: L1Host) -> Non
     assert info.value.level == 2 and info.value.reason == "guest-reset", str(info.value)
     assert info.value.headline.startswith("level 2: QEMU exited unexpectedly (exit status 0, the guest reset")
     assert l1.run("echo alive").stdout == "alive\n"
+
+
+def test_an_l2_timeout_stays_the_l2s_own_when_its_l1_answers(l1: L1Host) -> None:
+    # An L2 error makes nestbed ask L1's serial console whether L1 froze; a live L1 answers and the
+    # L2's own error stands, and the L1 is left running.
+    with l1.inner("tiny-x86_64") as g:
+        with pytest.raises(CommandTimedOut):
+            g.run("sleep 30", timeout=3)
+        assert l1.guest.machine.poll() is None and l1.guest.machine.killed_because is None
+        assert l1.run("echo alive").stdout == "alive\n"
 
 
 def test_an_l1_kvm_probe_that_fails_is_retried_and_never_cached(l1: L1Host, monkeypatch: pytest.MonkeyPatch) -> None:
