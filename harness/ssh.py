@@ -125,16 +125,20 @@ class SSHTransport(TransportBase):
         start = time.monotonic()
         deadline = start + timeout
         try:
-            chan = self.transport.open_session(timeout=min(timeout, 30.0))
+            # The command's whole timeout, not less: a loaded nested guest's sshd can take over 30 s
+            # to answer (seen once in a soak, an L2 under 5 QEMUs on 2 cores).
+            chan = self.transport.open_session(timeout=timeout)
             # paramiko waits for the answer to "exec" with no timeout: a guest that freezes just
-            # then would hang us.  Closing the channel ends that wait ("Channel closed").
-            watchdog = threading.Timer(min(timeout, 30.0), chan.close)
+            # then would hang us.  Closing the channel at the deadline ends that wait.
+            watchdog = threading.Timer(max(0.1, deadline - time.monotonic()), chan.close)
             watchdog.start()
             try:
                 chan.exec_command(command)
             finally:
                 watchdog.cancel()
         except (paramiko.SSHException, OSError, EOFError) as exc:
+            if time.monotonic() >= deadline:  # out of time before the command even started
+                raise self._stalled(CommandTimedOut(command, timeout)) from None
             raise self._stalled(TransportError(f"{self.name}: cannot start {command!r}: {exc}")) from None
         out, err = bytearray(), bytearray()
         try:
