@@ -16,11 +16,13 @@ from harness import paths
 REPO = Path(__file__).resolve().parent.parent
 
 
-def qemu_pids_under(run_root: Path, owners: set[int] | None = None) -> list[int]:
+def qemu_pids_under(run_root: Path, owners: set[int] | None = None, *, orphans: bool = True) -> list[int]:
     """PIDs of live QEMU processes whose command line names a run directory under *run_root*.
 
-    With *owners*, only QEMUs whose run directory belongs to one of those PIDs, or to a
-    harness process that is gone (an orphan), count.
+    With *owners*, only QEMUs whose run directory belongs to one of those PIDs, or (with
+    *orphans*) to a harness process that is gone, count.  ``orphans=False`` is for a check
+    about this process's own guests while other xdist workers kill harnesses on purpose
+    (their QEMUs outlive them by the moment PR_SET_PDEATHSIG takes).
     """
     found = []
     needle = str(run_root).encode()
@@ -37,8 +39,8 @@ def qemu_pids_under(run_root: Path, owners: set[int] | None = None) -> list[int]
         if owners is not None:
             m = re.search(rb"/run/[^/\0]*-(\d+)-[0-9a-f]+/qemu\.pid", cmdline)
             owner = int(m.group(1)) if m else 0
-            if owner not in owners and Path(f"/proc/{owner}").exists():
-                continue  # someone else's live harness
+            if owner not in owners and (not orphans or Path(f"/proc/{owner}").exists()):
+                continue  # someone else's harness
         found.append(int(entry.name))
     return found
 

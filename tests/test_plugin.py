@@ -77,4 +77,13 @@ def test_guests_boot_and_are_shut_down(pytester: pytest.Pytester, tmp_path) -> N
     from conftest import qemu_pids_under
 
     from harness import paths
-    assert qemu_pids_under(paths.run_root(), owners={os.getpid()}) == []
+    left = qemu_pids_under(paths.run_root(), owners={os.getpid()}, orphans=False)
+    assert left == [], [_cmdline(p) for p in left]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")[:300]
+    except OSError:
+        return f"{pid} (gone)"
