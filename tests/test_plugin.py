@@ -38,6 +38,15 @@ def test_bad_boot_option_is_a_usage_error(pytester: pytest.Pytester) -> None:
 @pytest.mark.boot
 @pytest.mark.usefixtures("tiny_images")
 def test_guests_boot_and_are_shut_down(pytester: pytest.Pytester, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    from conftest import qemu_pids_under
+
+    from harness import paths
+
+    # This worker's own session may hold guests of its fixtures (a shared Debian guest, an L1):
+    # only QEMUs that the inner run started count.
+    before = set(qemu_pids_under(paths.run_root(), owners={os.getpid()}, orphans=False))
     pytester.makepyfile(
         """
         import pytest
@@ -72,12 +81,7 @@ def test_guests_boot_and_are_shut_down(pytester: pytest.Pytester, tmp_path) -> N
     result.stdout.fnmatch_lines(["*nestbed tiny-x86_64 (level 1) serial log*", "*-serial.log", "*nestbed-ready-*"])
     serial_logs = sorted(p.name for p in logs.rglob("*-serial.log"))
     assert len(serial_logs) == 4, serial_logs
-    import os
-
-    from conftest import qemu_pids_under
-
-    from harness import paths
-    left = qemu_pids_under(paths.run_root(), owners={os.getpid()}, orphans=False)
+    left = sorted(set(qemu_pids_under(paths.run_root(), owners={os.getpid()}, orphans=False)) - before)
     assert left == [], [_cmdline(p) for p in left]
 
 
