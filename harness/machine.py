@@ -58,6 +58,12 @@ SHUTDOWN_REASONS = {
     "host-signal": "QEMU got a signal",
     "host-qmp-quit": "quit over QMP",
 }
+
+
+def exit_message(rc: int | None, reason: str | None, why: str) -> str:
+    """The headline of :class:`QemuExited` (the Makefile's rerun patterns match it: tests/test_units.py)."""
+    said = f", {SHUTDOWN_REASONS.get(reason, 'QMP SHUTDOWN reason ' + reason)}" if reason else ""
+    return f"QEMU exited unexpectedly (exit status {rc}{said}): {why}"
 PR_SET_PDEATHSIG = 1
 
 
@@ -324,9 +330,7 @@ class Machine:
             sig = f"killed by signal {-rc}" if rc is not None and rc < 0 else f"exit status {rc}"
             raise QemuCrashed(f"QEMU crashed ({sig}) {first}".strip(), returncode=rc, **kw) from cause
         reason = self.shutdown_reason() if rc == 0 else None
-        said = f", {SHUTDOWN_REASONS.get(reason, 'QMP SHUTDOWN reason ' + reason)}" if reason else ""
-        raise QemuExited(f"QEMU exited unexpectedly (exit status {rc}{said}): {why}", returncode=rc,
-                         reason=reason, **kw) from cause
+        raise QemuExited(exit_message(rc, reason, why), returncode=rc, reason=reason, **kw) from cause
 
     def shutdown_reason(self) -> str | None:
         """The ``reason`` of the SHUTDOWN event QEMU sent on QMP before it exited, if any.
@@ -342,7 +346,8 @@ class Machine:
             while (left := deadline - time.monotonic()) > 0:
                 ev = self.qmp.pull_event(wait=float(left))
                 if ev and ev.get("event") == "SHUTDOWN":
-                    return str(ev.get("data", {}).get("reason") or "") or None
+                    reason = ev.get("data", {}).get("reason")
+                    return str(reason) if reason else None
         except Exception:  # noqa: BLE001 - a closed or timed-out QMP just means "unknown"
             return None
         return None

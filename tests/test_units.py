@@ -71,6 +71,33 @@ def test_an_l1_on_tcg_gets_one_vcpu_and_on_kvm_its_recipes() -> None:
     assert (kvm.vcpus, kvm.cpu, kvm.cpu_flags) == (2, "host", ())
 
 
+def test_make_test_reruns_exactly_the_nested_faults() -> None:
+    # The Makefile's --only-rerun patterns against the messages the harness builds for them.
+    import re
+
+    from harness.errors import GuestFrozen, QemuExited
+    from harness.machine import exit_message
+
+    makefile = (Path(__file__).resolve().parent.parent / "Makefile").read_text().replace("\\\n", " ")
+    line = next(ln for ln in makefile.splitlines() if ln.startswith("NESTED_RERUN"))
+    patterns = re.findall(r'--only-rerun "((?:[^"\\]|\\.)*)"', line)
+    assert len(patterns) >= 3, line
+
+    def rerun(exc: Exception) -> bool:
+        return any(re.search(p, f"{type(exc).__module__}.{type(exc).__name__}: {exc}") for p in patterns)
+
+    def exited(level: int, reason: str | None, why: str) -> QemuExited:
+        return QemuExited(exit_message(0, reason, why), returncode=0, reason=reason, level=level)
+
+    assert rerun(exited(2, "guest-reset", "while waiting for output block O"))
+    assert rerun(exited(1, "guest-reset", "level 1 died while level 2 was running"))
+    assert rerun(GuestFrozen("froze (ssh:l1-host@L1: cannot start 'true': Timeout opening channel.; no answer "
+                             "on the serial console within 30 s either) and was killed: level 1 died", level=1))
+    assert not rerun(exited(1, "guest-reset", "while waiting for output block O"))  # a plain guest's own reset
+    assert not rerun(exited(2, "guest-shutdown", "while waiting for output block O"))
+    assert not rerun(exited(2, None, "while waiting for output block O"))
+
+
 def test_accel_options_go_on_the_one_accel() -> None:
     spec = MachineSpec(accel=Accel.KVM, accel_opts=("xen-version=0x4000a", "kernel-irqchip=split"))
     assert _opt(build_argv(spec, EP), "-accel") == ["kvm,xen-version=0x4000a,kernel-irqchip=split"]
