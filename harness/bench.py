@@ -25,6 +25,7 @@ from typing import Any
 
 from harness import images, paths
 from harness.errors import CapabilityMissing, HarnessError, UsageError
+from harness.publish import publish, write_atomic
 from harness.recipes import REPO_ROOT
 from harness.spec import Accel
 
@@ -242,8 +243,23 @@ def _hops_source() -> Path:
 
     root = _bench_dir()
     target = root / "hops-source-v2.raw"
-    if target.is_file():
-        return target
+
+    def make(tmp: Path) -> None:
+        with tempfile.TemporaryDirectory(prefix=".hops-stage-", dir=root) as stage:
+            shutil.copytree(REPO_ROOT / "harness", Path(stage) / "harness",
+                            ignore=shutil.ignore_patterns("__pycache__"))
+            rng = random.Random(7)
+            with open(Path(stage) / "fill.bin", "wb") as f:
+                for _ in range(HOPS_FILL_MB):
+                    f.write(rng.randbytes(1 << 20))
+            try:
+                subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", stage, "-L", "nbbench", str(tmp),
+                                f"{HOPS_SOURCE_MB}M"], check=True, capture_output=True, timeout=120)
+            except (OSError, subprocess.SubprocessError) as exc:
+                raise HarnessError(f"bench: cannot make the conversion source {target}: {exc}") from exc
+
+    publish(target, make, what="bench conversion source")
+    return target
     tmp = root / f".hops-source-{secrets.token_hex(4)}.raw"
     with tempfile.TemporaryDirectory(prefix=".hops-stage-", dir=root) as stage:
         shutil.copytree(REPO_ROOT / "harness", Path(stage) / "harness",
@@ -321,39 +337,40 @@ def generic_kernel() -> tuple[Path, str]:
     release = pkg.removeprefix("linux-image-")
     root = _bench_dir() / f"kernel-{release}"
     vmlinuz = root / "boot" / f"vmlinuz-{release}"
-    if vmlinuz.is_file():
-        return vmlinuz, release
-    with tempfile.TemporaryDirectory(prefix=".kernel-", dir=_bench_dir()) as tmp:
-        # apt-get download as root warns that _apt cannot write here: harmless.
-        subprocess.run(["apt-get", "download", "-q", pkg], cwd=tmp, check=True, capture_output=True, timeout=600)
-        deb = next(Path(tmp).glob("*.deb"))
-        stage = Path(tmp) / "root"
-        subprocess.run(["dpkg-deb", "-x", str(deb), str(stage)], check=True, capture_output=True, timeout=300)
-        shutil.rmtree(root, ignore_errors=True)
-        stage.rename(root)  # last: a half-unpacked kernel never looks ready
+
+    def make(stage: Path) -> None:
+        with tempfile.TemporaryDirectory(prefix=".kernel-", dir=_bench_dir()) as tmp:
+            # apt-get download as root warns that _apt cannot write here: harmless.
+            subprocess.run(["apt-get", "download", "-q", pkg], cwd=tmp, check=True, capture_output=True, timeout=600)
+            deb = next(Path(tmp).glob("*.deb"))
+            subprocess.run(["dpkg-deb", "-x", str(deb), str(stage)], check=True, capture_output=True, timeout=300)
+
+    publish(root, make, what=f"generic kernel {release}", exists=lambda _r: vmlinuz.is_file())
     return vmlinuz, release
 
 
 def virtme_ng() -> Path:
     """``vng`` from PyPI in its own venv under the cache (not a project dependency)."""
     venv = _bench_dir() / f"vng-{VNG_VERSION}"
-    vng, done = venv / "bin" / "vng", venv / ".nestbed-complete"
+    vng, done = venv / "bin" / "vng", venv.with_name(venv.name + ".complete")
     missing = [f"{tool} (apt-get install {pkg})" for tool, pkg in VNG_HOST_TOOLS.items() if shutil.which(tool) is None]
     if missing:
         raise CapabilityMissing("virtme-ng", f"vng needs {', '.join(missing)} on the host")
-    if done.is_file():
-        return vng
-    # A venv's scripts name their interpreter by absolute path, so it is built in place and
-    # marked complete last: an interrupted install is redone, never used.
-    shutil.rmtree(venv, ignore_errors=True)
-    try:
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=120)
-        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", f"virtme-ng=={VNG_VERSION}"], check=True,
-                       capture_output=True, timeout=600)
-    except subprocess.CalledProcessError as exc:
-        raise HarnessError(f"bench: cannot install virtme-ng {VNG_VERSION} into {venv}: "
-                           f"{exc.stderr.decode(errors='replace').strip()[-300:]}") from None
-    done.write_text(VNG_VERSION)
+
+    def make(tmp: Path) -> None:
+        # A venv's scripts name their interpreter by absolute path, so it is built in place (under
+        # the marker's lock) and the marker is published last: an interrupted install is redone.
+        shutil.rmtree(venv, ignore_errors=True)
+        try:
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=120)
+            subprocess.run([str(venv / "bin" / "pip"), "install", "-q", f"virtme-ng=={VNG_VERSION}"], check=True,
+                           capture_output=True, timeout=600)
+        except subprocess.CalledProcessError as exc:
+            raise HarnessError(f"bench: cannot install virtme-ng {VNG_VERSION} into {venv}: "
+                               f"{exc.stderr.decode(errors='replace').strip()[-300:]}") from None
+        write_atomic(tmp, VNG_VERSION)
+
+    publish(done, make, what=f"virtme-ng {VNG_VERSION}")
     return vng
 
 
@@ -484,10 +501,10 @@ def write_markdown(path: Path, results: dict[str, Any]) -> None:
     if path.is_file() and BEGIN in (text := path.read_text()) and END in text:
         head, rest = text.split(BEGIN, 1)
         _, tail = rest.split(END, 1)
-        path.write_text(head + block + tail.lstrip("\n"))
+        write_atomic(path, head + block + tail.lstrip("\n"))
         return
     header = ("# Benchmarks\n\nProduced by `nestbed bench --write BENCHMARKS.md` (`make bench`). Each comparison runs "
               "its two sides interleaved after one warm-up each, on the same machine in one run; figures are "
               "medians; a ratio is the second side's median over the first's.\n\n")
     existing = path.read_text() if path.is_file() else ""
-    path.write_text((existing or header) + "\n" + block)
+    write_atomic(path, (existing or header) + "\n" + block)

@@ -53,11 +53,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from filelock import FileLock, Timeout
-
-from harness import paths
 from harness.errors import CapabilityMissing, ImageBuildError, ImageNotBuilt, UsageError
 from harness.images import Image, run_step
+from harness.publish import publish, write_atomic
 from harness.recipes import Kind
 from harness.spec import Arch, DiskFormat, Drive, Firmware, MachineSpec, ovmf_for
 
@@ -337,40 +335,30 @@ def build(image: Image, *, progress: Progress | None = None) -> BootDisk:
     if disk.built:
         return disk
     say = progress or (lambda _msg: None)
-    lock = FileLock(str(paths.image_root() / f".{image.name}.bootdisk.lock"))
-    try:
-        lock.acquire(timeout=LOCK_TIMEOUT)
-    except Timeout:
-        raise ImageBuildError(f"{image.name}: another boot-disk build held the lock for {LOCK_TIMEOUT:g} s") from None
-    try:
-        if disk.built:  # built by another process while we waited
-            return disk
-        # Debris of builds that died (none runs: we hold the lock) and disks of older keys.
+    started = time.monotonic()
+
+    def make_disk(tmp: Path) -> None:
+        # Disks of older keys go first (we hold this disk's lock; older keys are never booted again).
         for stale in (*image.dir.glob(".bootdisk-*"), *image.dir.glob("bootdisk-*")):
-            if stale.name.startswith(f"bootdisk-{disk.key}."):
-                continue
-            if stale.is_dir():
-                shutil.rmtree(stale, ignore_errors=True)
-            else:
-                stale.unlink(missing_ok=True)
-        work = image.dir / f".bootdisk-{disk.key}-{os.getpid()}"
+            if not stale.name.startswith(f"bootdisk-{disk.key}."):
+                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+        work = tmp.with_name(tmp.name + ".work")  # private to this builder, like tmp
         work.mkdir(mode=0o700)
-        started = time.monotonic()
         try:
             info = _assemble(image, disk, work, say)
             info["build_seconds"] = round(time.monotonic() - started, 1)
-            (work / "disk.raw").rename(disk.path)
-            # The description goes last: only a complete disk ever has one.
-            tmp = work / "info.json"
-            tmp.write_text(json.dumps(info, indent=2))
-            tmp.rename(disk.info_path)
+            (work / "disk.raw").rename(tmp)
+            write_atomic(work / "info.json", json.dumps(info, indent=2))
+            # The description is published last, under the same lock: only a complete disk has one.
+            os.replace(work / "info.json", disk.info_path)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        say(f"built the boot disk of {image.name} in {time.monotonic() - started:.1f} s: {disk.path}")
-        return disk
-    finally:
-        lock.release()
 
+    # The disk and its description are one artifact: the lock is the disk's, the marker the description.
+    if publish(disk.path, make_disk, what=f"boot disk ({image.name})", exists=lambda _p: disk.built,
+               timeout=LOCK_TIMEOUT, error=ImageBuildError):
+        say(f"built the boot disk of {image.name} in {time.monotonic() - started:.1f} s: {disk.path}")
+    return disk
 
 def _virtual_size(path: Path) -> int:
     out = run_step(["qemu-img", "info", "--output=json", str(path)], timeout=60, what="qemu-img info")

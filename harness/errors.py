@@ -7,6 +7,7 @@ The tree::
     ├── RecipeError(file, key, reason)
     ├── ImageBuildError            a build step failed; nothing was marked built
     ├── ImageNotBuilt(name)
+    ├── CacheError                 a cache artifact could not be published (lock held too long, ...)
     ├── MachineStateError          machine used in the wrong state (not running, ...)
     ├── LaunchError                QEMU could not be started, or exited before it was usable
     ├── GuestError                 the guest or its QEMU failed while we watched it
@@ -53,6 +54,10 @@ class RecipeError(HarnessError):
     def __init__(self, file: str, key: str, reason: str) -> None:
         self.file, self.key, self.reason = file, key, reason
         super().__init__(f"{file}: {key}: {reason}")
+
+
+class CacheError(HarnessError):
+    """A cache artifact could not be published: its lock was held too long, or its builder wrote nothing."""
 
 
 class ImageBuildError(HarnessError):

@@ -2,9 +2,9 @@
 
 An image lives in ``<cache>/images/<name>-<digest>/`` where the digest hashes the
 recipe.  ``manifest.json`` is written last, after everything else is in place, and
-the directory is renamed into place from a private build directory: an interrupted or
-failed build never leaves anything that looks built.  A file lock per image makes two
-concurrent builders (pytest-xdist workers) build it once.
+the directory is published by :func:`harness.publish.publish` (a lock, a private build
+directory, one rename): an interrupted or failed build never leaves anything that looks
+built, and concurrent builders (pytest-xdist workers, other processes) build it once.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import glob
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -23,11 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock, Timeout
-
 from harness import aptsources, paths
 from harness.errors import ImageBuildError, ImageNotBuilt
 from harness.progress import StepProgress
+from harness.publish import publish
 from harness.recipes import Kind, Recipe, all_recipes, find_recipe
 
 BUILDER_VERSION = 1  # bump when a builder's output changes for the same recipe
@@ -190,20 +188,10 @@ def build(name_or_image: str | Image, *, progress: Progress | None = None, force
 
 
 def _build_locked(image: Image, say: Progress, force: bool) -> Image:
-    lock = FileLock(str(paths.image_root() / f".{image.name}.lock"))
-    try:
-        lock.acquire(timeout=LOCK_TIMEOUT)
-    except Timeout:
-        raise ImageBuildError(f"{image.name}: another build held the lock for {LOCK_TIMEOUT:g} s") from None
-    try:
-        if image.built and not force:  # another process built it while we waited
-            return image
-        work = image.dir.parent / f".build-{image.dir.name}-{os.getpid()}"
-        # Builds of this image that died (we hold its lock, so none is running) leave debris.
-        for stale in image.dir.parent.glob(f".build-{image.name}-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+    started = time.monotonic()
+
+    def make(work: Path) -> None:
         work.mkdir(mode=0o700)
-        started = time.monotonic()
         try:
             say(f"building {image.name} ({image.recipe.kind.value}, {image.recipe.arch.value})")
             files = BUILDERS[image.recipe.kind](image.recipe, work, say)
@@ -213,25 +201,24 @@ def _build_locked(image: Image, say: Progress, force: bool) -> Image:
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "build_seconds": round(time.monotonic() - started, 1), **files,
             }
-            shutil.rmtree(image.dir, ignore_errors=True)
-            work.rename(image.dir)
-            # The marker goes last: only a complete directory ever has it.
-            tmp = image.dir / "manifest.json.tmp"
-            tmp.write_text(json.dumps(manifest, indent=2))
-            tmp.rename(image.manifest_path)
+            # The marker goes in last, and the whole directory is renamed into place in one step.
+            (work / "manifest.json").write_text(json.dumps(manifest, indent=2))
         except OSError as exc:
             # The build's own I/O failed (a full or read-only cache), not a step: one clear line too.
-            shutil.rmtree(work, ignore_errors=True)
             why = FAILURE_CAUSES[0][1] if exc.errno == errno.ENOSPC else exc.strerror
             raise ImageBuildError(f"{image.name}: {why}: {exc.filename or work}") from None
-        except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
-            raise
+
+    try:
+        built = publish(image.dir, make, what=f"image {image.name}", force=force,
+                        exists=lambda d: (d / "manifest.json").is_file(), timeout=LOCK_TIMEOUT,
+                        error=ImageBuildError)
+    except OSError as exc:  # the rename itself, or the cache directory
+        why = FAILURE_CAUSES[0][1] if exc.errno == errno.ENOSPC else exc.strerror
+        raise ImageBuildError(f"{image.name}: {why}: {exc.filename or image.dir}") from None
+    if built:
         _remove_stale(image)
         say(f"built {image.name} in {time.monotonic() - started:.1f} s: {image.dir}")
-        return image
-    finally:
-        lock.release()
+    return image
 
 
 def _remove_stale(image: Image) -> None:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from filelock import FileLock
 
 from harness import paths
+from harness.publish import publish, write_atomic
 
 
 def _openssh_pair(comment: str) -> tuple[bytes, str]:
@@ -25,13 +25,6 @@ def _openssh_pair(comment: str) -> tuple[bytes, str]:
     return private, f"{public.decode()} {comment}"
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(path, 0o600)
-
-
 def key_dir() -> Path:
     return paths.private_dir(paths.cache_root() / "keys")
 
@@ -40,11 +33,14 @@ def client_keypair() -> tuple[Path, str]:
     """(private key path, public key line) of this cache's client key; created once."""
     d = key_dir()
     priv, pub = d / "id_ed25519", d / "id_ed25519.pub"
-    with FileLock(str(d / ".lock"), timeout=60):
-        if not (priv.is_file() and pub.is_file()):
-            private, public = _openssh_pair("nestbed-client")
-            _write_private(priv, private)
-            pub.write_text(public + "\n")
+
+    def make(tmp: Path) -> None:
+        # One artifact, published by the private half's rename: the public half goes in first.
+        private, public = _openssh_pair("nestbed-client")
+        write_atomic(pub, public + "\n")
+        write_atomic(tmp, private, mode=0o600)
+
+    publish(priv, make, what="client key", exists=lambda p: p.is_file() and pub.is_file(), timeout=60)
     os.chmod(priv, 0o600)
     return priv, pub.read_text().strip()
 

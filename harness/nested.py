@@ -34,6 +34,7 @@ from harness.errors import HarnessError, LaunchError, TransportError
 from harness.guest import BootOptions, Guest, boot
 from harness.images import Image, run_step
 from harness.machine import KILL_TIMEOUT, Machine
+from harness.publish import DISCARD, publish, write_atomic
 from harness.relay import socket_for
 from harness.spec import (
     Accel,
@@ -107,28 +108,27 @@ def payload_disk(inner: list[Image]) -> Path:
     key = hashlib.sha256("\n".join(sorted(str(i.dir) for i in inner)).encode()).hexdigest()[:16]
     root = paths.private_dir(paths.cache_root() / "payload")
     target = root / f"payload-{key}.img"
-    if target.is_file():
-        return target
-    stage = root / f".stage-{key}"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir()
-    try:
-        total = 0
-        for img in inner:
-            d = stage / img.name
-            d.mkdir()
-            for src, name in ((img.kernel, "vmlinuz"), (img.initrd, "initrd.img")):
-                if src is not None:
-                    shutil.copy(src, d / name)
-                    total += src.stat().st_size
-            (d / "manifest.json").write_text(json.dumps(img.manifest))
-        size_mb = total // (1 << 20) + 32
-        tmp = root / f".payload-{key}.tmp"
-        run_step(["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(stage), "-L", f"nbpay{key[:8]}", str(tmp),
-                  f"{size_mb}M"], timeout=120, what="payload disk")
-        tmp.rename(target)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+
+    def make(tmp: Path) -> None:
+        stage = tmp.with_name(tmp.name + ".stage")  # private to this builder, like tmp
+        stage.mkdir(mode=0o700)
+        try:
+            total = 0
+            for img in inner:
+                d = stage / img.name
+                d.mkdir()
+                for src, name in ((img.kernel, "vmlinuz"), (img.initrd, "initrd.img")):
+                    if src is not None:
+                        shutil.copy(src, d / name)
+                        total += src.stat().st_size
+                (d / "manifest.json").write_text(json.dumps(img.manifest))
+            size_mb = total // (1 << 20) + 32
+            run_step(["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(stage), "-L", f"nbpay{key[:8]}", str(tmp),
+                      f"{size_mb}M"], timeout=120, what="payload disk")
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+    publish(target, make, what=f"payload disk ({', '.join(sorted(i.name for i in inner))})")
     return target
 
 
@@ -461,14 +461,25 @@ def _probe_l1(host: L1Host) -> None:
     src = Path(probe.__file__).with_name("hostfacts.py")
     host.ssh.put(src, "/tmp/nestbed-hostfacts.py")
     host.facts = json.loads(host.ssh.check_output("python3 /tmp/nestbed-hostfacts.py", timeout=60))
-    boots: dict[str, tuple[bool, str]] = {}
     # The KVM boot verdict depends on L1's image and on L0 (its probe key covers boot and QEMU);
     # cache it like L0's, so only the first L1 of a host boot pays the ~20 s.
     cache = paths.cache_root() / f"probe-L{host.level}-{host.guest.image.dir.name}-{probe.cache_key()}.json"
-    if cache.is_file():
-        with contextlib.suppress(ValueError):
-            host.accel = json.loads(cache.read_text())
-            return
+    computed: dict[str, Any] = {}
+
+    def make(tmp: Path) -> object:
+        computed["accel"], ok = _l1_kvm_verdict(host)
+        if not ok:
+            return DISCARD  # a failed boot is probed again by the next L1
+        write_atomic(tmp, json.dumps(computed["accel"]))
+        return None
+
+    publish(cache, make, what=f"L{host.level} probe verdict ({host.guest.image.name})")
+    host.accel = computed["accel"] if computed else json.loads(cache.read_text())
+
+
+def _l1_kvm_verdict(host: L1Host) -> tuple[dict[str, Any], bool]:
+    """L1's accelerator verdicts, and whether they may be cached (no failed KVM boot among them)."""
+    boots: dict[str, tuple[bool, str]] = {}
     if host.facts["kvm"]["openable"]:
         # Two tries: one L2 boot in some tens can reset or hang under TCG's SVM emulation
         # (RELIABILITY.md), and a "no KVM" verdict from that flake must not be believed, let
@@ -489,14 +500,11 @@ def _probe_l1(host: L1Host) -> None:
         kf = known_failure(host.l0_accel.value, host.l0_qemu, Arch.I386.value, "kvm")
         if kf is None:
             boots["i386"] = boots["x86_64"]  # no known hazard: same KVM, same verdict
-    host.accel = probe.decide(host.facts, boots)
+    accel = probe.decide(host.facts, boots)
     kf = known_failure(host.l0_accel.value, host.l0_qemu, Arch.I386.value, "kvm")
     if kf is not None and host.facts["kvm"]["openable"]:
-        host.accel["i386"] = {"chosen": "tcg", "reason": f"known failure, falling back to TCG in L1: {kf['reason']}"}
-    if boots.get("x86_64", (True, ""))[0]:  # a failed boot is probed again by the next L1
-        tmp = cache.with_suffix(".tmp")
-        tmp.write_text(json.dumps(host.accel))
-        tmp.rename(cache)
+        accel["i386"] = {"chosen": "tcg", "reason": f"known failure, falling back to TCG in L1: {kf['reason']}"}
+    return accel, boots.get("x86_64", (True, ""))[0]
 
 
 def describe(host: L1Host) -> dict[str, Any]:

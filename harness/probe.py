@@ -19,6 +19,7 @@ from typing import Any
 from harness import paths
 from harness.errors import HarnessError
 from harness.hostfacts import _read, cpu_facts, host_facts, kvm_device, kvm_modules, qemu_version
+from harness.publish import publish, write_atomic
 from harness.spec import Accel, Arch
 
 __all__ = ["accel_verdict", "cache_key", "cpu_facts", "decide", "host_facts", "kvm_device", "kvm_modules", "probe",
@@ -91,24 +92,30 @@ def probe(*, refresh: bool = False) -> dict[str, Any]:
             cached: dict[str, Any] = json.loads(cache.read_text())
             return cached
         except ValueError:
-            pass
-    facts = host_facts()
-    boots: dict[str, tuple[bool, str]] = {}
-    if facts["kvm"]["openable"]:
-        from harness import images
+            refresh = True  # unreadable (e.g. written by hand): probe again and replace it
+    computed: dict[str, Any] = {}
 
-        for arch in Arch:
-            images.build(f"tiny-{arch.value}")
-        with concurrent.futures.ThreadPoolExecutor(len(Arch)) as pool:
-            futures = {arch.value: pool.submit(_kvm_boots, arch) for arch in Arch}
-            boots = {a: f.result() for a, f in futures.items()}
-    result = {**facts, "accel": decide(facts, boots),
-              "probed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.rename(cache)
+    def make(tmp: Path) -> None:
+        facts = host_facts()
+        boots: dict[str, tuple[bool, str]] = {}
+        if facts["kvm"]["openable"]:
+            from harness import images
+
+            for arch in Arch:
+                images.build(f"tiny-{arch.value}")
+            with concurrent.futures.ThreadPoolExecutor(len(Arch)) as pool:
+                futures = {arch.value: pool.submit(_kvm_boots, arch) for arch in Arch}
+                boots = {a: f.result() for a, f in futures.items()}
+        computed.update({**facts, "accel": decide(facts, boots),
+                         "probed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        write_atomic(tmp, json.dumps(computed, indent=2))
+
+    # Parallel workers on an empty cache probe once: the others wait for the verdict and read it.
+    publish(cache, make, what="probe verdict", force=refresh)
+    if computed:
+        return computed
+    result: dict[str, Any] = json.loads(cache.read_text())
     return result
-
 
 def accel_verdict(arch: Arch) -> dict[str, str]:
     verdict: dict[str, str] = probe()["accel"][arch.value]

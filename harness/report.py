@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import UsageError
+from harness.publish import write_atomic
 
 SCHEMA_VERSION = 1
 REPORT_SCHEMA = "nestbed-report"
@@ -215,16 +216,10 @@ def write_report(doc: Mapping[str, Any], out_dir: Path) -> dict[str, Path]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "report.json", "html": out_dir / "index.html", "md": out_dir / "summary.md"}
-    _atomic_write(paths["json"], json.dumps(doc, indent=2, default=str) + "\n")
-    _atomic_write(paths["html"], report_render.report_html(doc))
-    _atomic_write(paths["md"], report_render.report_markdown(doc))
+    write_atomic(paths["json"], json.dumps(doc, indent=2, default=str) + "\n")
+    write_atomic(paths["html"], report_render.report_html(doc))
+    write_atomic(paths["md"], report_render.report_markdown(doc))
     return paths
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 # --- reading, merging, diffing -------------------------------------------------------------
@@ -314,9 +309,9 @@ def write_fleet(doc: Mapping[str, Any], out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     clean = {k: v for k, v in doc.items() if not k.startswith("_")}
     paths = {"json": out_dir / "fleet.json", "html": out_dir / "index.html", "md": out_dir / "summary.md"}
-    _atomic_write(paths["json"], json.dumps(clean, indent=2, default=str) + "\n")
-    _atomic_write(paths["html"], report_render.fleet_html(clean))
-    _atomic_write(paths["md"], report_render.fleet_markdown(clean))
+    write_atomic(paths["json"], json.dumps(clean, indent=2, default=str) + "\n")
+    write_atomic(paths["html"], report_render.fleet_html(clean))
+    write_atomic(paths["md"], report_render.fleet_markdown(clean))
     return paths
 
 

@@ -34,11 +34,13 @@ import contextlib
 import secrets
 import subprocess
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from harness import paths
 from harness.errors import CapabilityMissing, HarnessError, MachineStateError
 from harness.machine import QMP_TIMEOUT, Machine, Runstate
+from harness.publish import publish
 
 if TYPE_CHECKING:
     from harness.guest import Guest
@@ -133,15 +135,15 @@ def state_drive_args() -> tuple[str, ...]:
     The empty qcow2 is made once in the cache; ``snapshot=on`` keeps it empty.
     """
     target = paths.cache_root() / "vmstate-empty.qcow2"
-    if not target.is_file():
-        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}")
+
+    def make(tmp: Path) -> None:
         try:
             subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp), STATE_DRIVE_SIZE],
                            check=True, capture_output=True, timeout=30)
         except (OSError, subprocess.SubprocessError) as exc:
-            tmp.unlink(missing_ok=True)
             raise ResetError(f"cannot create the reset state drive {target}: {exc}") from exc
-        tmp.rename(target)  # atomic: a concurrent maker's identical file is fine
+
+    publish(target, make, what="reset state drive", timeout=120)
     return ("-drive", f"if=none,id={STATE_DRIVE_ID},file={target},format=qcow2,snapshot=on")
 
 

@@ -18,17 +18,16 @@ present (see docs/speed.md), but switching every image's boot is the lead's call
 from __future__ import annotations
 
 import bz2
-import contextlib
 import gzip
 import hashlib
 import lzma
-import secrets
 import shutil
 import struct
 import subprocess
 from pathlib import Path
 
 from harness import paths
+from harness.publish import publish, write_atomic
 
 HDRS_MAGIC = b"HdrS"  # at 0x202 in every bzImage with a boot protocol header
 PVH_NOTE_NAME = b"Xen"
@@ -117,13 +116,8 @@ def fast_kernel(kernel: Path) -> Path:
     inner = payload(data)
     elf = decompress(inner) if inner is not None else None
     if elf is None or not has_pvh_note(elf):
-        (root / f"{digest}.none").touch()
+        write_atomic(root / f"{digest}.none", b"")
         return kernel
-    tmp = root / f".{digest}.{secrets.token_hex(4)}"
-    try:
-        tmp.write_bytes(elf)
-        tmp.rename(target)  # last: a half-written ELF is never used
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+    found: bytes = elf
+    publish(target, lambda tmp: write_atomic(tmp, found), what="PVH kernel", timeout=120)
     return target

@@ -46,7 +46,7 @@ def _nothing_built(cache: Path) -> None:
     images = cache / "images"
     if images.is_dir():
         assert not list(images.glob("*/manifest.json")), list(images.iterdir())
-        assert not list(images.glob(".build-*")), "a failed build left its work directory"
+        assert not list(images.glob(".*.part*")), "a failed build left its work directory"
 
 
 # -- recipes ----------------------------------------------------------------------------------
