@@ -26,8 +26,10 @@ from typing import Any
 from harness import images, paths
 from harness.errors import CapabilityMissing, HarnessError, UsageError
 from harness.publish import publish, write_atomic
-from harness.recipes import REPO_ROOT
 from harness.spec import Accel
+
+# Benchmarks run commands from here: the built-in scenarios' parent (the checkout, or the installed package).
+SCENARIO_ROOT = paths.builtin_dir("scenarios").parent
 
 RUN_TIMEOUT = 900.0
 BEGIN, END = "<!-- nestbed-bench:begin -->", "<!-- nestbed-bench:end -->"
@@ -53,7 +55,7 @@ def _stats(samples: list[float]) -> dict[str, Any]:
 
 def _timed(argv: list[str]) -> float:
     started = time.monotonic()
-    proc = subprocess.run(argv, capture_output=True, timeout=RUN_TIMEOUT, stdin=subprocess.DEVNULL, cwd=REPO_ROOT)
+    proc = subprocess.run(argv, capture_output=True, timeout=RUN_TIMEOUT, stdin=subprocess.DEVNULL, cwd=SCENARIO_ROOT)
     elapsed = time.monotonic() - started
     if proc.returncode != 0:
         raise HarnessError(f"bench: {' '.join(argv[:6])}... exited {proc.returncode}: "
@@ -246,7 +248,7 @@ def _hops_source() -> Path:
 
     def make(tmp: Path) -> None:
         with tempfile.TemporaryDirectory(prefix=".hops-stage-", dir=root) as stage:
-            shutil.copytree(REPO_ROOT / "harness", Path(stage) / "harness",
+            shutil.copytree(paths.PACKAGE_DIR, Path(stage) / "harness",
                             ignore=shutil.ignore_patterns("__pycache__"))
             rng = random.Random(7)
             with open(Path(stage) / "fill.bin", "wb") as f:
@@ -262,7 +264,7 @@ def _hops_source() -> Path:
     return target
     tmp = root / f".hops-source-{secrets.token_hex(4)}.raw"
     with tempfile.TemporaryDirectory(prefix=".hops-stage-", dir=root) as stage:
-        shutil.copytree(REPO_ROOT / "harness", Path(stage) / "harness",
+        shutil.copytree(paths.PACKAGE_DIR, Path(stage) / "harness",
                         ignore=shutil.ignore_patterns("__pycache__"))
         rng = random.Random(7)
         with open(Path(stage) / "fill.bin", "wb") as f:
@@ -301,7 +303,7 @@ SMOKE_RUNS = 1  # each run takes minutes; a median of 5 per side would take over
 
 @benchmark("smoke-tier", slow=True)
 def bench_smoke_tier(runs: int) -> dict[str, Any]:
-    base = [sys.executable, "-m", "pytest", "scenarios", "-m", "smoke", "-p", "no:cacheprovider", "-q"]
+    base = [sys.executable, "-m", "pytest", str(paths.builtin_dir("scenarios")), "-m", "smoke", "-p", "no:cacheprovider", "-q"]
     xdist = [*base, "-n", "auto", "--dist", "loadscope"]
     one, many = [], []
     for _ in range(SMOKE_RUNS):  # no warm-up: images are built by the first benchmark that needs them
@@ -378,7 +380,7 @@ def _timed_output(argv: list[str], expect: str, env: dict[str, str] | None = Non
     """Seconds for *argv*; it must print *expect* as a line of its own (its exit status is not
     trusted: see vng below)."""
     started = time.monotonic()
-    proc = subprocess.run(argv, capture_output=True, timeout=RUN_TIMEOUT, stdin=subprocess.DEVNULL, cwd=REPO_ROOT,
+    proc = subprocess.run(argv, capture_output=True, timeout=RUN_TIMEOUT, stdin=subprocess.DEVNULL, cwd=SCENARIO_ROOT,
                           env=env)
     elapsed = time.monotonic() - started
     out = (proc.stdout + b"\n" + proc.stderr).decode(errors="replace")  # vng -v shows the console on stderr

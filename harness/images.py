@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness import aptsources, paths
+from harness import aptsources, paths, tools
 from harness.errors import ImageBuildError, ImageNotBuilt
 from harness.progress import StepProgress
 from harness.publish import publish
@@ -110,7 +110,7 @@ def run_step(argv: list[str], *, timeout: float, what: str, cwd: Path | None = N
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=cwd,
                               env=env, stdin=subprocess.DEVNULL)
     except FileNotFoundError:
-        raise ImageBuildError(f"{what}: {argv[0]} not found (run: make setup)") from None
+        raise ImageBuildError(f"{what}: {tools.missing(argv[0])}") from None
     except subprocess.TimeoutExpired:
         raise ImageBuildError(f"{what}: {argv[0]} did not finish within {timeout:g} s") from None
     if proc.returncode != 0:

@@ -29,7 +29,7 @@ from typing import IO, Any, NoReturn
 
 import pexpect
 
-from harness import paths
+from harness import paths, tools
 from harness.console import SocketSpawn, open_log
 from harness.errors import (
     ConsoleTimeout,
@@ -223,7 +223,7 @@ class Machine:
             )
             self.argv = build_argv(self.resolved, endpoints)
             if shutil.which(self.argv[0]) is None:
-                raise LaunchError(f"{self.argv[0]} not found on PATH (run: make setup)", level=self.level)
+                raise LaunchError(tools.missing(self.argv[0]), level=self.level)
             stderr = open(self.stderr_path, "wb")  # noqa: SIM115
             log.info("launching %s", " ".join(self.argv))
             self._launched_at = time.monotonic()

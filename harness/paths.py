@@ -13,6 +13,18 @@ import time
 from pathlib import Path
 
 _override: Path | None = None
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def builtin_dir(name: str) -> Path:
+    """The built-in ``images`` or ``scenarios`` directory.
+
+    Installed from a wheel they live inside the package (``harness/builtin/<name>``, mapped from the
+    repository's folders by pyproject.toml); in a checkout (or an editable install) they are the
+    checkout's own ``<name>/``.
+    """
+    packaged = PACKAGE_DIR / "builtin" / name
+    return packaged if packaged.is_dir() else PACKAGE_DIR.parent / name
 
 
 def set_cache_dir(path: Path | str | None) -> None:

@@ -1,7 +1,15 @@
-"""Image recipes: one TOML file per image in ``images/``, validated strictly.
+"""Image recipes: one TOML file per image, validated strictly.
 
 Unknown keys, wrong types and bad values raise :class:`RecipeError` naming the file,
 the key and the reason.  A recipe is frozen data; building is :mod:`harness.images`.
+
+Where recipes come from, first match wins: the directories in ``$NESTBED_IMAGES``
+(colon-separated), then those a pytest project names in its ini option ``nestbed_images``
+(:func:`add_recipe_dirs`), then the built-in ones (``images/`` of the checkout, or bundled
+in the installed package).  Relative directories resolve against the project root (pytest's
+rootdir, else the working directory).  A user's recipe with a built-in name wins, with a
+warning.  ``base = "NAME"`` starts a recipe from another one's settings: its own keys
+override, and ``packages``, ``services`` and ``files`` add to the base's.
 """
 
 from __future__ import annotations
@@ -12,14 +20,16 @@ import json
 import os
 import re
 import tomllib
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness import paths
 from harness.errors import RecipeError, UsageError
 from harness.spec import Arch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+MAX_BASE_DEPTH = 8
 
 
 class Kind(enum.StrEnum):
@@ -73,6 +83,7 @@ class Recipe:
 
 # key -> (type, required)
 _SCHEMA: dict[str, tuple[type | tuple[type, ...], bool]] = {
+    "base": (str, False),
     "kind": (str, True),
     "arch": (str, True),
     "kernel": (str, True),
@@ -107,16 +118,54 @@ def _str_list(file: str, key: str, value: list[Any], pattern: re.Pattern[str] | 
     return tuple(value)
 
 
-def parse_recipe(path: Path) -> Recipe:
+ADDITIVE = ("packages", "services")  # a recipe with a base adds to these (and to files)
+
+
+def _load_toml(path: Path) -> dict[str, Any]:
     f = str(path)
     try:
-        raw = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError(f, "-", f"not valid TOML: {exc}") from None
     except OSError as exc:
         raise RecipeError(f, "-", f"cannot read: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
         raise RecipeError(f, "-", f"not UTF-8 text (byte {exc.start}): {exc.reason}") from None
+
+
+def _with_base(path: Path, raw: dict[str, Any], chain: tuple[Path, ...]) -> dict[str, Any]:
+    """*raw* laid over its base recipe's settings (recursively)."""
+    f, base = str(path), raw["base"]
+    if not isinstance(base, str) or not _NAME_RE.match(base):
+        raise RecipeError(f, "base", f"must be a recipe name, got {base!r}")
+    if len(chain) >= MAX_BASE_DEPTH:
+        raise RecipeError(f, "base", f"more than {MAX_BASE_DEPTH} bases deep")
+    base_path = _find_path(base, exclude=(path, *chain))
+    if base_path is None:
+        raise RecipeError(f, "base", f"no recipe named {base!r} (other than this one) in {_dirs_text()}")
+    parse_recipe(base_path, _chain=(*chain, path))  # the base must be valid on its own: errors name its file
+    merged = _resolved(base_path, _load_toml(base_path), (*chain, path))
+    for key, value in raw.items():
+        if key in ADDITIVE and isinstance(value, list) and isinstance(merged.get(key), list):
+            merged[key] = [*merged[key], *(v for v in value if v not in merged[key])]
+        elif key == "files" and isinstance(value, dict) and isinstance(merged.get("files"), dict):
+            merged["files"] = {**merged["files"], **value}
+        elif key != "base":
+            merged[key] = value
+    if "description" not in raw:
+        merged["description"] = f"based on {base}: {merged.get('description', '')}".rstrip(": ")
+    return merged
+
+
+def _resolved(path: Path, raw: dict[str, Any], chain: tuple[Path, ...]) -> dict[str, Any]:
+    return _with_base(path, raw, chain) if "base" in raw else dict(raw)
+
+
+def parse_recipe(path: Path, *, _chain: tuple[Path, ...] = ()) -> Recipe:
+    f = str(path)
+    raw = _load_toml(path)
+    if "base" in raw:
+        raw = _with_base(path, raw, _chain)
     for key in raw:
         if key not in _SCHEMA:
             raise RecipeError(f, key, f"unknown key (known: {', '.join(sorted(_SCHEMA))})")
@@ -175,25 +224,104 @@ def parse_recipe(path: Path) -> Recipe:
     return Recipe(**kw)
 
 
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
+_added: list[tuple[Path, str]] = []
+_project_root: Path | None = None
+_warned: set[tuple[str, str]] = set()
+
+
+def set_project_root(path: Path | None) -> None:
+    """Where relative recipe directories resolve (the plugin passes pytest's rootdir)."""
+    global _project_root
+    _project_root = Path(path).resolve() if path else None
+
+
+def add_recipe_dirs(dirs: list[str] | list[Path], origin: str, *, root: Path | None = None) -> None:
+    """Add a project's recipe directories (relative ones against *root*, else the project root)."""
+    for d in dirs:
+        p = Path(d).expanduser()
+        if not p.is_absolute():
+            p = (root or _project_root or Path.cwd()) / p
+        if (p, origin) not in _added:
+            _added.append((p, origin))
+
+
+def save_recipe_dirs() -> tuple[list[tuple[Path, str]], Path | None]:
+    """The added directories and project root, for :func:`restore_recipe_dirs` (nested pytest sessions)."""
+    return list(_added), _project_root
+
+
+def restore_recipe_dirs(state: tuple[list[tuple[Path, str]], Path | None]) -> None:
+    global _project_root
+    _added[:], _project_root = state
+
+
+@dataclass(frozen=True)
+class RecipeDir:
+    path: Path
+    origin: str  # "$NESTBED_IMAGES", "ini nestbed_images (pytest.ini)", "built-in"
+
+    @property
+    def builtin(self) -> bool:
+        return self.origin == "built-in"
+
+
+def recipe_sources() -> list[RecipeDir]:
+    """Every recipe directory in lookup order; a user's directory that is missing or unreadable is an error."""
+    out: list[RecipeDir] = []
+    root = _project_root or Path.cwd()
+    for entry in os.environ.get("NESTBED_IMAGES", "").split(":"):
+        if entry:
+            p = Path(entry).expanduser()
+            out.append(RecipeDir(p if p.is_absolute() else root / p, "$NESTBED_IMAGES"))
+    out += [RecipeDir(p, origin) for p, origin in _added]
+    for d in out:
+        if not d.path.is_dir():
+            raise UsageError(f"recipe directory {d.path} (from {d.origin}): "
+                             f"{'is not a directory' if d.path.exists() else 'does not exist'}")
+        if not os.access(d.path, os.R_OK | os.X_OK):
+            raise UsageError(f"recipe directory {d.path} (from {d.origin}): cannot be read by this user")
+    out.append(RecipeDir(paths.builtin_dir("images"), "built-in"))
+    return out
+
+
 def recipe_dirs() -> list[Path]:
-    """``$NESTBED_IMAGES`` (colon-separated) first, then the repository's ``images/``."""
-    extra = [Path(p) for p in os.environ.get("NESTBED_IMAGES", "").split(":") if p]
-    return [*extra, REPO_ROOT / "images"]
+    """The recipe directories in lookup order (see the module docstring)."""
+    return [d.path for d in recipe_sources()]
+
+
+def _dirs_text() -> str:
+    return ", ".join(str(d) for d in recipe_dirs())
+
+
+def _find_path(name: str, exclude: tuple[Path, ...] = ()) -> Path | None:
+    """The recipe file *name* resolves to (first match wins), warning once if it shadows a built-in one."""
+    hits = [(d, d.path / f"{name}.toml") for d in recipe_sources()]
+    hits = [(d, p) for d, p in hits if p.is_file() and p.resolve() not in {e.resolve() for e in exclude}]
+    if not hits:
+        return None
+    first_dir, first = hits[0]
+    builtin = next((p for d, p in hits[1:] if d.builtin), None)
+    if builtin is not None and not first_dir.builtin and (name, str(first)) not in _warned:
+        _warned.add((name, str(first)))
+        warnings.warn(f"nestbed: recipe {name!r} from {first} (from {first_dir.origin}) shadows the built-in "
+                      f"{builtin}; {first} wins", UserWarning, stacklevel=3)
+    return first
 
 
 def all_recipes() -> dict[str, Recipe]:
     found: dict[str, Recipe] = {}
-    for d in recipe_dirs():
-        if d.is_dir():
-            for path in sorted(d.glob("*.toml")):
-                found.setdefault(path.stem, parse_recipe(path))
+    for d in recipe_sources():
+        for path in sorted(d.path.glob("*.toml")):
+            if path.stem not in found:
+                chosen = _find_path(path.stem)
+                found[path.stem] = parse_recipe(chosen or path)
     return found
 
 
 def find_recipe(name: str) -> Recipe:
-    for d in recipe_dirs():
-        path = d / f"{name}.toml"
-        if path.is_file():
-            return parse_recipe(path)
+    path = _find_path(name)
+    if path is not None:
+        return parse_recipe(path)
     known = sorted({p.stem for d in recipe_dirs() if d.is_dir() for p in d.glob("*.toml")})
     raise UsageError(f"unknown image {name!r} (known: {', '.join(known) or 'none'})")

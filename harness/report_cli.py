@@ -18,15 +18,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import harness
 from harness import matrix as mx
+from harness import paths
 from harness import report as rp
 from harness.errors import HarnessError, UsageError
 
-REPO = Path(harness.__file__).resolve().parent.parent
-SCENARIOS = REPO / "scenarios"
+SCENARIOS = paths.builtin_dir("scenarios")  # the checkout's scenarios/, or those bundled in the package
 DEFAULT_MATRIX = SCENARIOS / "matrix.toml"
-DEFAULT_REPORTS = REPO / "reports"
+DEFAULT_REPORTS = Path("reports")  # under the working directory
 DEFAULT_MAX_TIME = 6 * 3600.0     # a whole nightly shard; pytest-timeout bounds each test on its own
 STOP_GRACE = 120.0                # after SIGINT pytest still shuts guests down and writes the report
 COLLECT_TIMEOUT = 300.0
@@ -41,9 +40,11 @@ def add_parsers(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:
     p.add_argument("--shard", metavar="I/N", help="run only shard I of N (CI jobs)")
     p.add_argument("-n", "--numprocesses", default="auto", metavar="auto|N",
                    help="pytest-xdist workers (default auto; 0 runs in one process)")
-    p.add_argument("--out", metavar="DIR", help="report directory (default reports/<UTC timestamp>-<host>)")
-    p.add_argument("--matrix", metavar="FILE", help=f"matrix file (default {DEFAULT_MATRIX.relative_to(REPO)})")
-    p.add_argument("--scenarios", metavar="DIR", help="scenario directory (default scenarios/ of this checkout)")
+    p.add_argument("--out", metavar="DIR", help="report directory (default ./reports/<UTC timestamp>-<host>)")
+    p.add_argument("--matrix", metavar="FILE",
+                   help="matrix file (default: matrix.toml of the scenario directory, else nestbed's built-in one)")
+    p.add_argument("--scenarios", metavar="DIR",
+                   help="scenario directory: your own test modules (default: nestbed's built-in scenarios)")
     p.add_argument("--max-time", type=float, default=DEFAULT_MAX_TIME, metavar="S",
                    help=f"stop the run after S seconds (default {DEFAULT_MAX_TIME:.0f})")
     p.set_defaults(command=None, func=cmd_report, report_command=None)
@@ -64,7 +65,7 @@ def add_parsers(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:
     m.add_argument("--tier", required=True)
     m.add_argument("--format", choices=["json", "github"], default="json")
     m.add_argument("--shards", type=int, metavar="N", help="shard count (default: the tier's `shards`)")
-    m.add_argument("--matrix", metavar="FILE", help=f"matrix file (default {DEFAULT_MATRIX.relative_to(REPO)})")
+    m.add_argument("--matrix", metavar="FILE", help="matrix file (default: nestbed's built-in one)")
     m.set_defaults(func=cmd_matrix)
 
 
@@ -74,11 +75,11 @@ def collect_cells(matrix_path: Path, tier: str) -> dict[str, Any]:
     """The tier's cells as the scenarios' collection hook selects them (``pytest --collect-only``)."""
     with tempfile.TemporaryDirectory(prefix="nestbed-matrix-") as tmp:
         listing = Path(tmp) / "cells.json"
-        argv = [sys.executable, "-m", "pytest", str(SCENARIOS.relative_to(REPO)), "--collect-only", "-q",
+        argv = [sys.executable, "-m", "pytest", str(SCENARIOS), "--rootdir", str(SCENARIOS.parent), "--collect-only", "-q",
                 "-p", "no:cacheprovider", "--nestbed-matrix", str(matrix_path), "--nestbed-tier", tier,
                 "--nestbed-list-cells", str(listing)]
         try:
-            proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=COLLECT_TIMEOUT)
+            proc = subprocess.run(argv, cwd=SCENARIOS.parent, capture_output=True, text=True, timeout=COLLECT_TIMEOUT)
         except subprocess.TimeoutExpired:
             raise HarnessError(f"matrix: collecting the scenarios took over {COLLECT_TIMEOUT:.0f} s") from None
         if not listing.is_file():
@@ -110,13 +111,32 @@ def cmd_matrix(args: argparse.Namespace) -> int:
 
 # --- nestbed report ------------------------------------------------------------------------
 
+def scenario_dir(args: argparse.Namespace) -> Path:
+    """The scenario directory a report runs: ``--scenarios DIR`` (checked) or the built-in one."""
+    given = getattr(args, "scenarios", None)
+    if not given:
+        return SCENARIOS
+    path = Path(given).expanduser().resolve()
+    if not path.is_dir():
+        raise UsageError(f"report: --scenarios {given}: {'not a directory' if path.exists() else 'does not exist'}")
+    return path
+
+
+def matrix_file(args: argparse.Namespace, scenarios: Path) -> Path:
+    """``--matrix FILE``, else the scenario directory's own matrix.toml, else the built-in matrix."""
+    if getattr(args, "matrix", None):
+        return Path(args.matrix).resolve()
+    own = scenarios / "matrix.toml"
+    return own if own.is_file() else DEFAULT_MATRIX
+
+
 def pytest_argv(args: argparse.Namespace, out: Path, matrix_path: Path, extra: list[str]) -> list[str]:
     """The pytest command line a report run uses (pure: tested)."""
-    scenarios = str(Path(args.scenarios).resolve()) if getattr(args, "scenarios", None) else str(
-        SCENARIOS.relative_to(REPO))
+    where = scenario_dir(args)
+    scenarios = str(where)
     # Node ids relative to the scenario directory's parent ("scenarios/test_boot.py::..."), whatever
     # paths the other arguments name: pytest would otherwise root them at their common ancestor.
-    rootdir = (REPO / scenarios).resolve().parent
+    rootdir = where.parent
     argv = [sys.executable, "-m", "pytest", scenarios, "-v", "-p", "no:cacheprovider", "--rootdir", str(rootdir),
             "--junitxml", str(out / "junit.xml"), "--nestbed-report", str(out),
             "--nestbed-log-dir", str(out / "logs"), "--nestbed-matrix", str(matrix_path),
@@ -194,14 +214,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     from harness.progress import CellProgress
 
     _check_numprocesses(str(args.numprocesses))
-    matrix_path = Path(args.matrix).resolve() if args.matrix else DEFAULT_MATRIX
+    scenarios = scenario_dir(args)
+    matrix_path = matrix_file(args, scenarios)
     matrix = mx.load_matrix(matrix_path)  # a bad matrix or tier fails here, in one line, before any boot
     matrix.tier(args.tier)
     if args.shard:
         mx.parse_shard(args.shard)
-    scenarios = Path(args.scenarios) if args.scenarios else SCENARIOS
-    if not scenarios.is_dir():
-        raise UsageError(f"report: no scenarios directory at {scenarios}")
     out = Path(args.out).resolve() if args.out else rp.default_report_dir(DEFAULT_REPORTS)
     if (out / "report.json").exists():
         raise UsageError(f"report: {out} already holds a report (choose another --out)")
@@ -214,7 +232,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     with open(out / "pytest.log", "wb") as log, CellProgress(title) as bar:
         tail = _ProgressTail(out / "progress.jsonl", bar)
         # Same process group: Ctrl-C on the terminal reaches pytest too, which winds down cleanly.
-        proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(argv, cwd=scenarios.parent, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
             while proc.poll() is None:

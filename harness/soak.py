@@ -23,9 +23,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness import paths
 from harness.errors import UsageError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 RUN_TIMEOUT = 3600.0  # one pass of a tier; the smoke tier takes minutes
 PYTEST_EXIT = {2: "interrupted", 3: "internal error", 4: "usage error", 5: "no tests collected: is --tier a marker?"}
 
@@ -142,17 +142,22 @@ def render(report: SoakReport) -> str:
     return "\n".join(lines)
 
 
-def pytest_argv(tier: str, junit: Path, extra: list[str] | None = None) -> list[str]:
-    """The command line of one soak run."""
-    return [sys.executable, "-m", "pytest", "scenarios", "-m", tier, f"--junitxml={junit}",
-            "-p", "no:cacheprovider", "-q", *(extra or [])]
+def pytest_argv(tier: str, junit: Path, extra: list[str] | None = None,
+                scenarios: Path | None = None) -> list[str]:
+    """The command line of one soak run (the built-in scenarios unless *scenarios* names others)."""
+    where = scenarios or paths.builtin_dir("scenarios")
+    return [sys.executable, "-m", "pytest", str(where), "--rootdir", str(where.parent), "-m", tier,
+            f"--junitxml={junit}", "-p", "no:cacheprovider", "-q", *(extra or [])]
 
 
 def run_soak(runs: int, *, tier: str = "smoke", out_dir: Path, timeout: float = RUN_TIMEOUT,
-             extra: list[str] | None = None, say: Callable[[str], None] | None = None) -> SoakReport:
+             extra: list[str] | None = None, say: Callable[[str], None] | None = None,
+             scenarios: Path | None = None) -> SoakReport:
     """Run the tier *runs* times (each bounded by *timeout*) and tally the results."""
     if runs < 1:
         raise UsageError(f"soak: --runs must be at least 1, not {runs}")
+    if scenarios is not None and not scenarios.is_dir():
+        raise UsageError(f"soak: --scenarios {scenarios}: {'not a directory' if scenarios.exists() else 'does not exist'}")
     say = say or (lambda _m: None)
     out_dir.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Outcome] | None] = []
@@ -163,10 +168,10 @@ def run_soak(runs: int, *, tier: str = "smoke", out_dir: Path, timeout: float = 
         junit.unlink(missing_ok=True)
         log = out_dir / f"run-{run}.log"
         started = time.monotonic()
-        say(f"run {run}/{runs}: pytest scenarios -m {tier} (log: {log})")
+        say(f"run {run}/{runs}: pytest {scenarios or 'scenarios'} -m {tier} (log: {log})")
         with open(log, "wb") as out:
             try:
-                proc = subprocess.run(pytest_argv(tier, junit, extra), cwd=REPO_ROOT, stdin=subprocess.DEVNULL,
+                proc = subprocess.run(pytest_argv(tier, junit, extra, scenarios), cwd=Path.cwd(), stdin=subprocess.DEVNULL,
                                       stdout=out, stderr=subprocess.STDOUT, timeout=timeout)
                 rc: int | None = proc.returncode
             except subprocess.TimeoutExpired:

@@ -73,14 +73,26 @@ def write_cpio(path: Path, entries: list[tuple[str, int, bytes]]) -> None:
     path.write_bytes(gzip.compress(buf.getvalue(), compresslevel=6, mtime=0))
 
 
-def tiny_initramfs(busybox: bytes, init: str = TINY_INIT) -> list[tuple[str, int, bytes]]:
+def tiny_initramfs(busybox: bytes, init: str = TINY_INIT,
+                   files: dict[str, str] | None = None) -> list[tuple[str, int, bytes]]:
+    """The initramfs entries: busybox, its init, and the recipe's ``files`` (absolute path → text)."""
     d = stat.S_IFDIR | 0o755
-    return [
+    entries = [
         ("bin", d, b""), ("dev", d, b""), ("proc", d, b""), ("sys", d, b""), ("tmp", stat.S_IFDIR | 0o1777, b""),
         ("bin/busybox", stat.S_IFREG | 0o755, busybox),
         ("bin/sh", stat.S_IFLNK | 0o777, b"busybox"),
         ("init", stat.S_IFREG | 0o755, init.encode()),
     ]
+    have = {name for name, _, _ in entries}
+    for dest, content in sorted((files or {}).items()):
+        parts = dest.strip("/").split("/")
+        for i in range(1, len(parts)):  # parent directories first, as cpio wants them
+            parent = "/".join(parts[:i])
+            if parent not in have:
+                have.add(parent)
+                entries.append((parent, d, b""))
+        entries.append(("/".join(parts), stat.S_IFREG | 0o644, content.encode()))
+    return entries
 
 
 def find_one(root: Path, pattern: str, what: str) -> Path:
@@ -100,7 +112,7 @@ def build_tiny(recipe: Recipe, work: Path, say: Progress) -> dict[str, Any]:
     busybox = find_one(root, "bin/busybox", recipe.name)
     shutil.copy(kernel, work / "vmlinuz")
     say("writing the busybox initramfs")
-    write_cpio(work / "initrd.img", tiny_initramfs(busybox.read_bytes()))
+    write_cpio(work / "initrd.img", tiny_initramfs(busybox.read_bytes(), files=recipe.files))
     versions = resolved_versions(root)
     shutil.rmtree(root)
     return {

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from fixtures.plugin import GUESTS_KEY, guest_params
+from nestbed_fixtures.plugin import GUESTS_KEY, guest_params
 from harness import guestfacts
 from harness.guest import BootOptions, Guest
 from harness.nested import L1Host, boot_l1, known_failure

@@ -57,7 +57,7 @@ def test_guests_boot_and_are_shut_down(pytester: pytest.Pytester, tmp_path) -> N
             assert guest.host.file("/init").exists
             assert guest.host.run("exit 4").rc == 4
 
-        from fixtures.plugin import guest_params
+        from nestbed_fixtures.plugin import guest_params
 
         @pytest.mark.parametrize("guest", guest_params(["tiny-i386"]), indirect=True)
         def test_indirect(guest, guest_host):
