@@ -89,6 +89,12 @@ def known_failure(l0_accel: str, l0_qemu: str | None, arch: str, inner_accel: st
 def l1_options(l0_accel: Accel, recipe_vcpus: int, recipe_memory: int) -> BootOptions:
     """How to boot an L1 so that it has hardware virtualization of its own.
 
+    On L0's KVM the L1 gets ``-cpu host`` with its recipe's vCPUs, on Intel and AMD alike: vmx
+    (kvm_intel) or svm (kvm_amd) passes through where the module's ``nested`` is on; where it is
+    off the L1 gets none and its L2s run under TCG inside it (:func:`harness.probe.l1_nested`
+    says which, and the L0 verdict's reason how to turn nested on).  On L0's TCG the L1 gets
+    ``qemu64,+svm,+npt``: TCG's emulated SVM, so KVM in L1 works.
+
     On L0's TCG the L1 gets ``L1_TCG_VCPUS`` (1) vCPU whatever its recipe says: with two, about one
     L2 round in 20 ended with the L1 reset or frozen (TCG's SVM emulation; RELIABILITY.md has the
     soak), with one none in 63 rounds, and L2s came up faster; the L1's own boot is ~1.2 s slower.

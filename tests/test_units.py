@@ -288,7 +288,9 @@ def _facts(openable: bool, modules: list[str]) -> dict[str, object]:
 
 
 def test_decide() -> None:
-    assert decide(_facts(False, []), {})["x86_64"] == {"chosen": "tcg", "reason": "KVM unusable: /dev/kvm does not exist"}
+    assert decide(_facts(False, []), {})["x86_64"] == {
+        "chosen": "tcg", "reason": "KVM unusable: /dev/kvm does not exist; no KVM module loaded: `modprobe kvm_intel` "
+                                   "(Intel) or `modprobe kvm_amd` (AMD)"}
     hung = decide(_facts(True, ["kvm", "kvm_pvm"]), {"x86_64": (False, "no ready marker"), "i386": (False, "x")})
     assert hung["x86_64"]["chosen"] == "tcg" and "kvm_pvm" in hung["x86_64"]["reason"]
     ok = decide(_facts(True, ["kvm", "kvm_amd"]), {"x86_64": (True, "booted"), "i386": (True, "booted")})
