@@ -9,7 +9,9 @@ Every hop is converted with ``qemu-img convert`` and checked four ways:
    previous hop's guest left behind);
 3. independent readers hashing the virtual disk: libyal's Python bindings (libvmdk, libvhdi
    for VHD and VHDX, libqcow), dissect.hypervisor where installed (the only reader of VDI,
-   and a second opinion elsewhere), plain Python for raw; each must read the reference's data;
+   and a second opinion elsewhere), plain Python for raw; each must read the reference's data.
+   A format no reader knows (QED; VDI without dissect) is recorded as unread
+   (``reader_hash_matches: null`` and a ``reader_note`` saying why), never as a match;
 4. with ``boot=IMAGE``, a guest of that image booting from the hop as its root disk: it checks
    a manifest of sha256 sums written into the filesystem before the chain starts, writes a
    new file and adds it to the manifest, remounts its root read-only and powers off; the next
@@ -39,7 +41,7 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -224,11 +226,14 @@ def check_extents(path: Path, fmt: DiskFormat) -> None:
 
 
 def compare(a: Path, a_fmt: DiskFormat, b: Path, b_fmt: DiskFormat) -> str:
-    """'identical' (a larger image's extra tail must read as zeros), else DiskFormatError."""
+    """'identical' (a larger image's extra tail must read as zeros), else DiskFormatError naming
+    both files and what qemu-img found (the first differing offset, or why it could not compare)."""
     proc = _qemu_img("compare", "-f", a_fmt.value, "-F", b_fmt.value, str(a), str(b))
     if proc.returncode == 0:
         return "identical"
-    raise DiskFormatError(f"qemu-img compare {a.name} {b.name}: {_last_line(proc.stdout + proc.stderr)}")
+    what = "differ" if proc.returncode == 1 else f"could not compare (exit {proc.returncode})"
+    raise DiskFormatError(f"qemu-img compare {a.name} ({a_fmt.value}) {b.name} ({b_fmt.value}): {what}: "
+                          f"{_last_line(proc.stdout + proc.stderr)}")
 
 
 def image_files(path: Path) -> list[Path]:
@@ -361,6 +366,22 @@ def independent_hashes(path: Path, fmt: DiskFormat, length: int, *, second_opini
         except Exception as exc:  # the bindings raise IOError/OSError/ValueError with their own messages
             raise DiskFormatError(f"{entry.name} cannot read {path.name}: {_last_line(str(exc))}") from None
     return out
+
+
+# Why a format has no independent reader (said in the hop's ``reader_note``).
+NO_READER_WHY: dict[DiskFormat, str] = {
+    DiskFormat.QED: "no independent implementation of qed exists in Python",
+    DiskFormat.VDI: "dissect.hypervisor (the optional 'dissect' extra) is its only reader and is not installed",
+}
+
+
+def no_reader_note(fmt: DiskFormat) -> str | None:
+    """None if some independent reader knows *fmt*; else one line saying that none read it, and why."""
+    if READERS.get(fmt):
+        return None
+    why = NO_READER_WHY.get(fmt, "no reader is registered (libyal's Python bindings missing? run: make setup)")
+    return (f"no independent reader of {fmt.value}: {why}; only qemu-img check and compare (and a guest) "
+            "verified this hop")
 
 
 def independent_hash(path: Path, fmt: DiskFormat, length: int) -> tuple[str, str] | None:
@@ -643,13 +664,23 @@ class HopResult:
     check: str
     compare: str
     reader: str | None
-    reader_hash_matches: bool | None
+    reader_hash_matches: bool | None  # None: no independent reader read this hop (not a match)
+    reader_note: str | None  # why no reader read it (None when one did)
     readers: list[dict[str, Any]]
     sha256: str  # the virtual data this hop carries (its reference's, as QEMU read it)
     pitfalls: list[dict[str, str]] = field(default_factory=list)
     guest: dict[str, Any] | None = None
     sha256_after_guest: str | None = None
     verify_seconds: float = 0.0
+
+
+@contextlib.contextmanager
+def _at_hop(index: int, hop: Hop) -> Iterator[None]:
+    """A DiskFormatError inside says which hop it is about."""
+    try:
+        yield
+    except DiskFormatError as exc:
+        raise DiskFormatError(f"hop {index} ({hop.label}): {exc}") from None
 
 
 def _boot_image(name: str) -> Any:
@@ -728,18 +759,22 @@ def run_chain(source: Path, chain: list[Hop], workdir: Path, *, source_format: D
         prev_size = result["hops"][-1]["virtual_size"] if result["hops"] else size
         pitfalls = [p for p in (size_pitfall(hop, prev_size, vsize), probe_pitfall(hop, dst, probed, vsize)) if p]
         say(f"hop {i}/{len(chain)}: {hop.label}: qemu-img check and compare")
-        checked = check(dst, hop.format)
-        check_extents(dst, hop.format)
-        compared = compare(ref, ref_fmt, dst, hop.format)
+        with _at_hop(i, hop):
+            checked = check(dst, hop.format)
+            check_extents(dst, hop.format)
+            compared = compare(ref, ref_fmt, dst, hop.format)
+
         def hop_say(m: str, i: int = i) -> None:
             say(f"hop {i}/{len(chain)}: {m}")
 
-        hashes = independent_hashes(dst, hop.format, size, second_opinion=second_opinion, say=hop_say)
+        with _at_hop(i, hop):
+            hashes = independent_hashes(dst, hop.format, size, second_opinion=second_opinion, say=hop_say)
         readers: list[dict[str, Any]] = [{"name": n, "sha256": h, "matches": h == ref_hash} for n, h in hashes]
         for r in readers:
             if not r["matches"]:
-                raise DiskFormatError(f"hop {i} ({hop.label}): {r['name']} reads different data than "
-                                      f"{ref.name} (sha256 {r['sha256'][:16]} vs {ref_hash[:16]})")
+                raise DiskFormatError(f"hop {i} ({hop.label}): independent reader {r['name']} reads {dst.name} as "
+                                      f"different data than QEMU reads {ref.name} (sha256 {r['sha256'][:16]} vs "
+                                      f"{ref_hash[:16]})")
         # Whether QEMU lets a guest overwrite this hop is measured, not assumed from the format name.
         refused = probe_overwrite(dst, hop.format, workdir)
         if refused is not None:
@@ -750,7 +785,9 @@ def run_chain(source: Path, chain: list[Hop], workdir: Path, *, source_format: D
             seconds=round(seconds, 3), virtual_size=vsize, file_size=sum(p.stat().st_size for p in files),
             files=[p.name for p in files], probed_as=probed["format"], check=checked, compare=compared,
             reader=readers[0]["name"] if readers else None,
-            reader_hash_matches=all(r["matches"] for r in readers) if readers else None, readers=readers,
+            reader_hash_matches=all(r["matches"] for r in readers) if readers else None,
+            reader_note=None if readers else no_reader_note(hop.format) or "no independent reader read this hop",
+            readers=readers,
             sha256=ref_hash, pitfalls=[asdict(p) for p in pitfalls], verify_seconds=round(time.monotonic() - t0, 3))
         next_hash = ref_hash
         if image_name is not None:
@@ -766,12 +803,14 @@ def run_chain(source: Path, chain: list[Hop], workdir: Path, *, source_format: D
                 next_hash = qemu_hash(dst, hop.format, size, workdir)
                 gc.changed = next_hash != ref_hash
                 if not gc.changed:
-                    raise DiskFormatError(f"hop {i} ({hop.label}): the guest wrote {gc.wrote['name']} but the "
-                                          "image's data did not change")
+                    raise DiskFormatError(f"hop {i} ({hop.label}): the guest wrote {gc.wrote['name']} but "
+                                          f"{dst.name}'s data did not change (sha256 still {ref_hash[:16]}): "
+                                          "the write was lost")
             else:
                 gc.changed = _file_digest(files) != before
                 if gc.changed:
-                    raise DiskFormatError(f"hop {i} ({hop.label}): the image changed under a read-only guest")
+                    raise DiskFormatError(f"hop {i} ({hop.label}): {', '.join(p.name for p in files)} changed "
+                                          "under a read-only guest (the files differ from before it booted)")
             hr.guest = asdict(gc)
             hr.sha256_after_guest = next_hash
         result["hops"].append(asdict(hr))
@@ -822,6 +861,8 @@ def render_text(result: dict[str, Any]) -> str:
             or "no independent reader"
         lines.append(f"  {hop['index']:2} {hop['hop']:38} {hop['seconds']:6.2f}s {hop['virtual_size']:>12} B  "
                      f"check={hop['check']} compare={hop['compare']}  {readers}")
+        if hop.get("reader_note"):
+            lines.append(f"       unread: {hop['reader_note']}")
         for pitfall in hop["pitfalls"]:
             lines.append(f"       pitfall {pitfall['id']}: {pitfall['message']}")
         g = hop.get("guest")

@@ -326,9 +326,9 @@ class Change:
 
 @dataclass
 class Diff:
-    regressions: list[Change] = field(default_factory=list)   # was not failing, fails now
+    regressions: list[Change] = field(default_factory=list)   # fails now, did not; or passed, skips/xfails now
     fixes: list[Change] = field(default_factory=list)         # failed, passes now
-    changes: list[Change] = field(default_factory=list)       # other outcome changes (pass -> skip, ...)
+    changes: list[Change] = field(default_factory=list)       # other outcome changes (skip -> pass, ...)
     new_failures: list[Change] = field(default_factory=list)  # cells only in NEW, failing
     added: list[Change] = field(default_factory=list)
     removed: list[Change] = field(default_factory=list)
@@ -336,8 +336,19 @@ class Diff:
     hosts_only_new: list[str] = field(default_factory=list)
 
 
+# A cell that passed and now skips or xfails no longer shows whether it works: a new skip (the
+# host lost KVM, a fixture gave up) or a new xfail marker can hide a real failure, so it counts.
+HIDDEN = frozenset({"skip", "xfail"})
+
+
+def is_regression(old: str, new: str) -> bool:
+    """Whether a cell going from outcome *old* to *new* is a regression: it fails now and did not
+    before, or it passed and now skips or xfails (its reason says why)."""
+    return (new in BAD and old not in BAD) or (old == "pass" and new in HIDDEN)
+
+
 def diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> Diff:
-    """Cell-by-cell outcome changes from *old* to *new*.
+    """Cell-by-cell outcome changes from *old* to *new* (regressions: :func:`is_regression`).
 
     Hosts are matched by :func:`host_key`; when each side has exactly one host, those two are
     compared whatever their keys (last night's CI runner need not be tonight's).
@@ -369,7 +380,7 @@ def diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> Diff:
                 d.removed.append(Change(key, nodeid, o["outcome"], None))
             elif o is not None and n is not None and o["outcome"] != n["outcome"]:
                 ch = Change(key, nodeid, o["outcome"], n["outcome"], n.get("reason") if n["outcome"] != "pass" else None)
-                if n["outcome"] in BAD and o["outcome"] not in BAD:
+                if is_regression(o["outcome"], n["outcome"]):
                     d.regressions.append(ch)
                 elif o["outcome"] in BAD and n["outcome"] not in BAD:
                     d.fixes.append(ch)

@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-
 from nestbed_fixtures.plugin import GUESTS_KEY, guest_params
+
 from harness import guestfacts
 from harness.guest import BootOptions, Guest
 from harness.nested import L1Host, boot_l1, known_failure

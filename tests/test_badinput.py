@@ -29,6 +29,7 @@ GOOD = 'kind = "tiny"\narch = "x86_64"\nkernel = "linux-image-cloud-amd64"\n'
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    (tmp_path / "recipes").mkdir(exist_ok=True)
     return {**os.environ, "NESTBED_CACHE": str(tmp_path / "cache"), "NESTBED_IMAGES": str(tmp_path / "recipes"),
             **extra}
 
@@ -73,7 +74,7 @@ def _nothing_built(cache: Path) -> None:
 def test_malformed_recipe_is_one_line_naming_file_and_key(tmp_path: Path, text: str | bytes, key: str,
                                                           reason: str) -> None:
     recipes = tmp_path / "recipes"
-    recipes.mkdir()
+    recipes.mkdir(exist_ok=True)
     path = recipes / "broken.toml"
     path.write_bytes(text.encode() if isinstance(text, str) else text)
     line = _one_line_error(nestbed("images", "build", "broken", env=_env(tmp_path), timeout=60))
@@ -84,7 +85,7 @@ def test_malformed_recipe_is_one_line_naming_file_and_key(tmp_path: Path, text: 
 
 def test_a_broken_recipe_among_good_ones_is_named_by_list(tmp_path: Path) -> None:
     recipes = tmp_path / "recipes"
-    recipes.mkdir()
+    recipes.mkdir(exist_ok=True)
     (recipes / "fine.toml").write_text(GOOD)
     (recipes / "zbroken.toml").write_text(GOOD + "vcpus = true\n")
     line = _one_line_error(nestbed("images", "list", env=_env(tmp_path), timeout=60))
@@ -126,7 +127,7 @@ def test_bad_run_options_are_refused_before_a_boot(tiny_images: None, argv: list
 @pytest.mark.boot  # needs the machine's apt sources and a minute of mmdebstrap, no QEMU
 def test_kernel_package_that_does_not_exist_names_it_and_marks_nothing_built(tmp_path: Path) -> None:
     recipes = tmp_path / "recipes"
-    recipes.mkdir()
+    recipes.mkdir(exist_ok=True)
     (recipes / "tiny-ghost.toml").write_text(GOOD.replace("linux-image-cloud-amd64", "linux-image-nestbed-ghost"))
     proc = nestbed("images", "build", "tiny-ghost", env=_env(tmp_path), timeout=600)
     line = _one_line_error(proc)
@@ -192,7 +193,10 @@ def _verify(path: Path, fmt: DiskFormat) -> None:
         try:
             step()
         except DiskFormatError as exc:
-            assert str(exc).strip() and "\n" not in str(exc).strip()[:1]
+            # One line (nothing after a newline, not even a trailing one) that names the image.
+            message = str(exc)
+            assert message.strip() and "\n" not in message, message
+            assert path.name in message, message
 
 
 mutation = st.one_of(

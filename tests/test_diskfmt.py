@@ -112,8 +112,8 @@ def test_ext4_uuid_reads_the_superblock(tmp_path: Path) -> None:
 
 
 HOP_KEYS = {"index", "hop", "format", "source", "path", "seconds", "virtual_size", "file_size", "files",
-            "probed_as", "check", "compare", "reader", "reader_hash_matches", "readers", "sha256", "pitfalls",
-            "guest", "sha256_after_guest", "verify_seconds"}
+            "probed_as", "check", "compare", "reader", "reader_hash_matches", "reader_note", "readers", "sha256",
+            "pitfalls", "guest", "sha256_after_guest", "verify_seconds"}
 GUEST_KEYS = {"image", "writable", "ready_seconds", "manifest_verified", "wrote", "refused", "remount_ro",
               "changed", "seconds", "serial_log"}
 
@@ -161,8 +161,15 @@ def test_round_trip_through_every_format_keeps_the_data(source: Path, tmp_path: 
     assert [h["compare"] for h in result["hops"]] == ["identical"] * len(chain)
     assert all(h["check"] in ("ok", "unsupported") for h in result["hops"])
     read = [h for h in result["hops"] if h["readers"]]
-    assert read and all(h["reader_hash_matches"] for h in read)
+    assert read and all(h["reader_hash_matches"] is True and h["reader_note"] is None for h in read)
     assert {h["format"] for h in read} >= {"raw", "qcow2", "vmdk", "vpc", "vhdx"}
+    # A hop no independent reader knows says so (None and a note), it is not counted as a match.
+    unread = [h for h in result["hops"] if not h["readers"]]
+    assert {h["format"] for h in unread} == {f.value for f in DiskFormat if not diskfmt.READERS.get(f)}
+    assert "qed" in {h["format"] for h in unread}
+    for h in unread:
+        assert h["reader"] is None and h["reader_hash_matches"] is None, h
+        assert h["reader_note"].startswith(f"no independent reader of {h['format']}: "), h
     by_hop = {h["hop"]: h for h in result["hops"]}
     assert by_hop["vmdk:subformat=twoGbMaxExtentSparse"]["files"] == ["hop7.vmdk", "hop7-s001.vmdk"]
     assert by_hop["vmdk:subformat=monolithicFlat"]["files"] == ["hop5.vmdk", "hop5-flat.vmdk"]

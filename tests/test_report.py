@@ -229,13 +229,28 @@ def test_serial_logs_in_the_report_dir_are_relative(tmp_path: Path) -> None:
 
 # --- merge and diff ------------------------------------------------------------------------
 
-def _doc(host: dict[str, Any], outcomes: dict[str, str], run_id: str, started: str) -> dict[str, Any]:
+def _phases(nodeid: str, outcome: str, reason: str | None = None) -> list[dict[str, Any]]:
+    """The phase dicts pytest's reports give for one test of *outcome* (reason: the crash, skip or xfail reason)."""
+    if outcome == "error":
+        return [{"nodeid": nodeid, "when": "setup", "duration": 0.1, "outcome": "failed", "crash": reason or "boom"}]
+    call: dict[str, Any] = {"nodeid": nodeid, "when": "call", "duration": 1.0,
+                            "outcome": {"pass": "passed", "fail": "failed", "skip": "skipped", "xfail": "skipped",
+                                        "xpass": "passed"}[outcome]}
+    if outcome == "fail":
+        call["crash"] = reason or "boom"
+    elif outcome == "skip":
+        call["skip_reason"] = reason or "no kvm"
+    elif outcome in ("xfail", "xpass"):
+        call["wasxfail"] = reason or "known bad"
+    return [call]
+
+
+def _doc(host: dict[str, Any], outcomes: dict[str, str], run_id: str, started: str,
+         reasons: dict[str, str] | None = None) -> dict[str, Any]:
     cells = []
     for nodeid, outcome in outcomes.items():
-        c = rp.cell_from_phases([{"nodeid": nodeid, "when": "call", "duration": 1.0,
-                                  "outcome": {"pass": "passed", "fail": "failed", "skip": "skipped"}[outcome],
-                                  "crash": "boom" if outcome == "fail" else None,
-                                  "skip_reason": "no kvm" if outcome == "skip" else None}])
+        c = rp.cell_from_phases(_phases(nodeid, outcome, (reasons or {}).get(nodeid)))
+        assert c["outcome"] == outcome, c
         cells.append(c)
     doc = rp.build_report(cells, rp.RunInfo(started=0, finished=60), host, out_dir=Path(run_id))
     doc["run"]["started"] = started
@@ -286,15 +301,86 @@ def test_diff_finds_a_planted_regression_and_exits_1(tmp_path: Path) -> None:
                                         "2026-11-25T02:00:00Z"))
     r = nestbed("report", "diff", str(old), str(new), timeout=60)
     assert r.returncode == 1, r.stdout + r.stderr
-    assert f"REGRESSIONS (1):\n  pass -> fail  {CELLS[0]}" in r.stdout
+    key = rp.host_key(HOST)
+    assert (f"REGRESSIONS (2):\n  pass -> fail  {CELLS[0]}  [{key}]  -- boom\n"
+            f"  pass -> skip  {CELLS[2]}  [{key}]  -- no kvm\n") in r.stdout  # a pass that skips now is one too
     assert f"fixes (1):\n  fail -> pass  {CELLS[1]}" in r.stdout
-    assert f"pass -> skip  {CELLS[2]}" in r.stdout
-    assert r.stdout.strip().endswith("1 regression(s), 1 fix(es), 1 other change(s)")
+    assert r.stdout.strip().endswith("2 regression(s), 1 fix(es), 0 other change(s)")
     # Fixes only: exit 0.  The JSON form carries the same.
     r = nestbed("report", "diff", str(new), str(new), timeout=60)
     assert r.returncode == 0 and "0 regression(s)" in r.stdout
     r = nestbed("report", "diff", "--json", str(old / "report.json"), str(new), timeout=60)
     assert r.returncode == 1 and json.loads(r.stdout)["regressions"][0]["nodeid"] == CELLS[0]
+
+
+HIDE = {"s/a.py::newly_skipped": ("pass", "skip", "KVM unusable: kvm_pvm"),
+        "s/b.py::newly_xfailed": ("pass", "xfail", "QEMU 7.2 aborts: invalid tss type"),
+        "s/c.py::still_skipped": ("skip", "skip", "no kvm"),
+        "s/d.py::skip_now_passes": ("skip", "pass", None),
+        "s/e.py::xfail_now_skips": ("xfail", "skip", "no vmx"),
+        "s/f.py::still_passes": ("pass", "pass", None)}
+
+
+def _hide_docs() -> tuple[dict[str, Any], dict[str, Any]]:
+    old = _doc(HOST, {n: o for n, (o, _, _) in HIDE.items()}, "old", T1)
+    new = _doc(HOST, {n: o for n, (_, o, _) in HIDE.items()}, "new", T2,
+               reasons={n: r for n, (_, _, r) in HIDE.items() if r})
+    return old, new
+
+
+def test_diff_counts_a_pass_that_now_skips_or_xfails_as_a_regression_with_its_reason() -> None:
+    """A cell that passed and now skips or xfails hides whatever it would say: a regression, with the
+    reason it gave; skip -> skip (no change) and skip -> pass are not, nor is xfail -> skip."""
+    old, new = _hide_docs()
+    d = rp.diff(old, new)
+    key = rp.host_key(HOST)
+    assert [(c.nodeid, c.old, c.new, c.reason, c.host) for c in d.regressions] == [
+        ("s/a.py::newly_skipped", "pass", "skip", "KVM unusable: kvm_pvm", key),
+        ("s/b.py::newly_xfailed", "pass", "xfail", "QEMU 7.2 aborts: invalid tss type", key)]
+    assert [(c.nodeid, c.old, c.new, c.reason) for c in d.changes] == [
+        ("s/d.py::skip_now_passes", "skip", "pass", None), ("s/e.py::xfail_now_skips", "xfail", "skip", "no vmx")]
+    assert d.fixes == [] and d.new_failures == [] and d.added == [] and d.removed == []
+    text = rp.render_diff(d)
+    assert text.startswith(f"REGRESSIONS (2):\n"
+                           f"  pass -> skip  s/a.py::newly_skipped  [{key}]  -- KVM unusable: kvm_pvm\n"
+                           f"  pass -> xfail  s/b.py::newly_xfailed  [{key}]  -- QEMU 7.2 aborts: invalid tss type\n"
+                           f"other changes (2):\n"
+                           f"  skip -> pass  s/d.py::skip_now_passes  [{key}]\n"
+                           f"  xfail -> skip  s/e.py::xfail_now_skips  [{key}]  -- no vmx\n"), text
+    assert "still_skipped" not in text and "still_passes" not in text
+    assert text.endswith("2 regression(s), 0 fix(es), 2 other change(s)")
+
+
+def test_report_diff_exits_1_on_a_pass_that_now_skips_and_0_on_a_skip_that_stays_or_passes(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from harness import report_cli
+
+    old, new = _hide_docs()
+    o, n = _write(tmp_path / "old", old), _write(tmp_path / "new", new)
+    assert report_cli.cmd_report_diff(argparse.Namespace(old=str(o), new=str(n), json=False)) == 1
+    assert "pass -> xfail  s/b.py::newly_xfailed" in capsys.readouterr().out
+    assert report_cli.cmd_report_diff(argparse.Namespace(old=str(o), new=str(n), json=True)) == 1
+    regressions = json.loads(capsys.readouterr().out)["regressions"]
+    assert [(c["old"], c["new"], c["reason"]) for c in regressions] == [
+        ("pass", "skip", "KVM unusable: kvm_pvm"), ("pass", "xfail", "QEMU 7.2 aborts: invalid tss type")]
+    # Without the two hidden passes only skip -> skip, skip -> pass and xfail -> skip are left: exit 0.
+    keep = {n for n, (was, _, _) in HIDE.items() if was != "pass"}
+    o2 = _write(tmp_path / "old2", _doc(HOST, {c: HIDE[c][0] for c in sorted(keep)}, "old2", T1))
+    n2 = _write(tmp_path / "new2", _doc(HOST, {c: HIDE[c][1] for c in sorted(keep)}, "new2", T2))
+    assert report_cli.cmd_report_diff(argparse.Namespace(old=str(o2), new=str(n2), json=False)) == 0
+    assert capsys.readouterr().out.strip().endswith("0 regression(s), 0 fix(es), 2 other change(s)")
+
+
+@pytest.mark.parametrize("old", rp.OUTCOMES)
+@pytest.mark.parametrize("new", rp.OUTCOMES)
+def test_which_outcome_changes_are_regressions(old: str, new: str) -> None:
+    want = (new in ("fail", "error") and old not in ("fail", "error")) or (old == "pass" and new in ("skip", "xfail"))
+    assert rp.is_regression(old, new) is want
+    d = rp.diff(_doc(HOST, {CELLS[0]: old}, "a", T1), _doc(HOST, {CELLS[0]: new}, "b", T2))
+    assert [(c.old, c.new) for c in d.regressions] == ([(old, new)] if old != new and want else [])
+    assert len(d.regressions) + len(d.fixes) + len(d.changes) == (old != new)
 
 
 def test_diff_across_fleets_matches_hosts_by_cpu_kernel_qemu() -> None:
@@ -365,7 +451,7 @@ def test_report_command_line() -> None:
 
     args = argparse.Namespace(tier="nightly", shard="2/4", numprocesses="auto")
     argv = pytest_argv(args, Path("/r"), Path("/m.toml"), ["-k", "boot"])
-    assert argv[1:4] == ["-m", "pytest", "scenarios"]
+    assert argv[1:3] == ["-m", "pytest"] and Path(argv[3]) == Path(__file__).resolve().parent.parent / "scenarios"
     joined = " ".join(argv)
     for part in ("--nestbed-report /r", "--junitxml /r/junit.xml", "--nestbed-log-dir /r/logs",
                  "--nestbed-tier nightly", "--nestbed-shard 2/4", "-n auto --dist loadscope",
