@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
-from harness import paths
-from harness.errors import HarnessError, UsageError
-from harness.spec import Accel, DiskFormat, Firmware
-from harness.transport import Via
+from harness.core import paths
+from harness.errors import HarnessError, UsageError, headline
+from harness.transport.base import Via
+from harness.vm.spec import Accel, DiskFormat, Firmware
 
 EXIT_HARNESS = 125
 
@@ -40,9 +40,9 @@ def _print_json(data: Any) -> None:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from harness import probe
+    from harness.guest import probe_host
 
-    result = probe.probe(refresh=args.refresh)
+    result = probe_host(refresh=args.refresh)
     if args.json:
         _print_json(result)
         return 0
@@ -58,7 +58,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_images_list(args: argparse.Namespace) -> int:
-    from harness import images
+    from harness.images import store as images
 
     rows = [img.describe() for img in images.list_images()]
     if args.json:
@@ -71,7 +71,7 @@ def cmd_images_list(args: argparse.Namespace) -> int:
 
 
 def cmd_images_build(args: argparse.Namespace) -> int:
-    from harness import images
+    from harness.images import store as images
 
     targets = [images.get_image(name) for name in args.names]  # unknown names fail before any build
     for img in targets:
@@ -110,7 +110,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from harness import bench
+    from harness.tools import bench
 
     results = bench.run_all(runs=args.runs, only=args.only, slow=args.slow)
     if args.json:
@@ -124,8 +124,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_soak(args: argparse.Namespace) -> int:
-    from harness import soak
-    from harness.progress import StepProgress
+    from harness.core.progress import StepProgress
+    from harness.tools import soak
 
     out = Path(args.out) if args.out else paths.log_root() / f"soak-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
     with StepProgress(f"soak {args.tier} x{args.runs}") as bar:
@@ -140,7 +140,7 @@ def cmd_roundtrip(args: argparse.Namespace) -> int:
     import tempfile
 
     from harness import diskfmt
-    from harness.progress import StepProgress
+    from harness.core.progress import StepProgress
     source = Path(args.source)
     if not source.is_file():
         raise UsageError(f"roundtrip: {source}: no such file")
@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     bp2.add_argument("--write", metavar="FILE", help="write the results as Markdown to FILE")
     bp2.set_defaults(func=cmd_bench)
 
-    from harness import report_cli  # `report` (run, merge, diff) and `matrix`: harness/report_cli.py
+    from harness.reports import cli as report_cli  # `report` (run, merge, diff) and `matrix`: harness/reports/cli.py
 
     report_cli.add_parsers(sub, _Parser)
 
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         return rc
     except HarnessError as exc:
         text = str(exc)
-        print(f"nestbed: error: {text if args.verbose else text.splitlines()[0]}", file=sys.stderr)
+        print(f"nestbed: error: {text if args.verbose else headline(text)}", file=sys.stderr)
         return EXIT_HARNESS
     except KeyboardInterrupt:
         print("nestbed: interrupted", file=sys.stderr)

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from harness.errors import HarnessError, UsageError
-from harness.spec import DiskFormat
+from harness.vm.spec import DiskFormat
 
 if TYPE_CHECKING:
     from harness.guest import Guest
@@ -606,7 +606,7 @@ class GuestCheck:
 def _guest_hop(image: str, disk: Path, fmt: DiskFormat, *, index: int, directory: str, expected: dict[str, str],
                writable: bool, log_dir: Path | None, on_guest: Callable[[Guest], None] | None) -> GuestCheck:
     from harness.guest import BootOptions, boot
-    from harness.spec import Drive
+    from harness.vm.spec import Drive
 
     started = time.monotonic()
     # A read-only drive needs a read-only root mount, or the initramfs' rw mount fails.
@@ -684,7 +684,7 @@ def _at_hop(index: int, hop: Hop) -> Iterator[None]:
 
 
 def _boot_image(name: str) -> Any:
-    from harness import images
+    from harness.images import store as images
 
     img = images.build(name)
     if img.disk is None:

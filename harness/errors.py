@@ -4,11 +4,14 @@ The tree::
 
     HarnessError
     ├── UsageError                 bad argument or unknown name (CLI exit 125)
+    │   └── ReportError            a report.json/fleet.json that is not one (harness.reports.model)
     ├── RecipeError(file, key, reason)
+    │   └── MatrixError            a bad matrix file (harness.reports.matrix)
     ├── ImageBuildError            a build step failed; nothing was marked built
     ├── ImageNotBuilt(name)
     ├── CacheError                 a cache artifact could not be published (lock held too long, ...)
     ├── MachineStateError          machine used in the wrong state (not running, ...)
+    ├── ResetError                 a snapshot could not be taken or restored (QEMU's message included)
     ├── LaunchError                QEMU could not be started, or exited before it was usable
     ├── GuestError                 the guest or its QEMU failed while we watched it
     │   ├── GuestPanic             "Kernel panic" on the serial console
@@ -16,10 +19,15 @@ The tree::
     │   │   └── QemuCrashed        QEMU aborted ("qemu: fatal: ...", signal); carries the dump
     │   ├── GuestFrozen            no answer on SSH nor on the serial console: nestbed killed QEMU
     │   └── ConsoleTimeout(pattern) waited on the console in vain
-    ├── CommandTimedOut(command)   a guest command outlived its timeout
-    ├── CommandFailed(result)      ``check_output`` on a non-zero exit status
+    ├── CommandError(command, result)  a guest command went wrong
+    │   ├── CommandTimedOut(command)   it outlived its timeout (also a GuestError: it carries the tails)
+    │   └── CommandFailed(result)      ``check_output`` on a non-zero exit status
     ├── TransportError             an SSH/serial transport broke
+    ├── GuestOutputError           a guest printed what its parser cannot read (harness.guestfacts)
+    ├── DiskFormatError            a disk-format hop or its verification failed (harness.diskfmt)
     └── CapabilityMissing(feature, hint)
+
+The last group's classes live beside the code that raises them; the rest are here.
 
 Errors that come from a guest carry ``serial_tail`` and ``stderr_tail`` so that a
 failure message shows what the guest and QEMU last said.  The library never calls
@@ -31,7 +39,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from harness.transport import CommandResult
+    from harness.transport.base import CommandResult
 
 TAIL_LINES = 25
 
@@ -40,6 +48,14 @@ def tail(text: str, lines: int = TAIL_LINES) -> str:
     """The last *lines* lines of *text*, stripped of NULs and trailing blanks."""
     rows = text.replace("\x00", "").rstrip().splitlines()
     return "\n".join(rows[-lines:])
+
+
+def headline(what: BaseException | str) -> str:
+    """The first line of a message or an error's message (an error with none: its type name)."""
+    lines = (what if isinstance(what, str) else str(what)).strip().splitlines()
+    if lines:
+        return lines[0]
+    return "" if isinstance(what, str) else type(what).__name__
 
 
 class HarnessError(Exception):
@@ -54,6 +70,10 @@ class RecipeError(HarnessError):
     def __init__(self, file: str, key: str, reason: str) -> None:
         self.file, self.key, self.reason = file, key, reason
         super().__init__(f"{file}: {key}: {reason}")
+
+
+class ResetError(HarnessError):
+    """A snapshot could not be taken or restored (QEMU's own message included)."""
 
 
 class CacheError(HarnessError):
@@ -96,7 +116,7 @@ class _WithTails(HarnessError):
     @property
     def headline(self) -> str:
         """The first line of the message: what the CLI prints."""
-        return str(self).splitlines()[0]
+        return headline(self)
 
 
 class LaunchError(_WithTails):
@@ -138,15 +158,23 @@ class ConsoleTimeout(GuestError):
         super().__init__(f"no {pattern} on the serial console within {timeout:g} s", **kw)  # type: ignore[arg-type]
 
 
-class CommandTimedOut(GuestError):
+class CommandError(HarnessError):
+    """A guest command went wrong: it failed or outlived its timeout.  ``command`` is what ran;
+    ``result`` the :class:`~harness.transport.base.CommandResult` when it finished (None when it did not)."""
+
+    command: str
+    result: CommandResult | None
+
+
+class CommandTimedOut(GuestError, CommandError):
     def __init__(self, command: str, timeout: float, **kw: object) -> None:
-        self.command, self.timeout = command, timeout
+        self.command, self.timeout, self.result = command, timeout, None
         super().__init__(f"command {command!r} did not finish within {timeout:g} s", **kw)  # type: ignore[arg-type]
 
 
-class CommandFailed(HarnessError):
+class CommandFailed(CommandError):
     def __init__(self, result: CommandResult) -> None:
-        self.result = result
+        self.command, self.result = result.command, result
         super().__init__(
             f"command {result.command!r} exited {result.exit_status}: {tail(result.stderr or result.stdout, 5)}"
         )

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import secrets
 import time
@@ -17,18 +18,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness import images
-from harness.errors import CapabilityMissing, CommandTimedOut, ConsoleTimeout, HarnessError, TransportError, UsageError
-from harness.images import Image
-from harness.machine import Machine, Runstate
-from harness.recipes import Kind
-from harness.spec import Accel, Arch, DiskFormat, Drive, Forward, MachineSpec, Nic
-from harness.transport import DEFAULT_TIMEOUT, CommandResult, SerialTransport, TransportBase, Via
+from harness.errors import (
+    CapabilityMissing,
+    CommandTimedOut,
+    ConsoleTimeout,
+    HarnessError,
+    MachineStateError,
+    TransportError,
+    UsageError,
+    headline,
+)
+from harness.hosts import probe
+from harness.images import store as images
+from harness.images.recipes import Kind
+from harness.images.store import Image
+from harness.transport.base import DEFAULT_TIMEOUT, CommandResult, SerialTransport, TransportBase, Via
+from harness.vm import snapshot
+from harness.vm.machine import Machine, Runstate
+from harness.vm.spec import Accel, Arch, DiskFormat, Drive, Forward, MachineSpec, Nic
 
 if TYPE_CHECKING:
     from harness.nested import L1Host
-    from harness.spec import Firmware
-    from harness.ssh import SSHTransport
+    from harness.transport.ssh import SSHTransport
+    from harness.vm.spec import Firmware
 
 log = logging.getLogger(__name__)
 
@@ -60,17 +72,42 @@ class BootOptions:
     ready_timeout: float | None = None
     reset: bool = False  # snapshot right after the ready marker, so Guest.reset() can return there
     # None: direct kernel boot.  bios/uefi/uefi32: that firmware boots the image's whole-disk image
-    # through GRUB, with this boot's kernel command line (harness/bootdisk.py, docs/firmware.md).
+    # through GRUB, with this boot's kernel command line (harness/images/bootdisk.py, docs/firmware.md).
     firmware: Firmware | str | None = None
+
+
+KVM_BOOT_DEADLINE = 15.0  # a tiny guest is ready in ~1 s under a working KVM
+
+
+def kvm_boot(arch: Arch) -> tuple[bool, str]:
+    """Boot tiny-<arch> under KVM on this host; (worked, what happened).  The probe's functional test."""
+    started = time.monotonic()
+    try:
+        # No QMP: its asyncio loop is per thread, and the probe boots both arches at once.
+        with boot(f"tiny-{arch.value}", options=BootOptions(accel=Accel.KVM, ready_timeout=KVM_BOOT_DEADLINE),
+                  qmp=False) as g:
+            out = g.check_output("uname -m", timeout=KVM_BOOT_DEADLINE)
+        return True, f"a tiny {arch.value} guest booted under KVM in {time.monotonic() - started:.1f} s ({out})"
+    except HarnessError as exc:
+        return False, probe.kvm_boot_detail(exc)
+
+
+def probe_host(*, refresh: bool = False) -> dict[str, Any]:
+    """This host's facts and accelerator verdicts (:func:`harness.hosts.probe.probe`, cached per host boot)."""
+    return probe.probe(kvm_boot=kvm_boot, refresh=refresh)
+
+
+def accel_verdict(arch: Arch) -> dict[str, str]:
+    """{"chosen", "reason"} for guests of *arch* on this host."""
+    verdict: dict[str, str] = probe_host()["accel"][arch.value]
+    return verdict
 
 
 def resolve_accel(accel: Accel, image: Image) -> tuple[Accel, str]:
     """The accelerator to use and why."""
     if accel is not Accel.AUTO:
         return accel, f"requested {accel.value}"
-    from harness import probe
-
-    verdict = probe.accel_verdict(image.recipe.arch)
+    verdict = accel_verdict(image.recipe.arch)
     return Accel(verdict["chosen"]), verdict["reason"]
 
 
@@ -119,8 +156,8 @@ def spec_for(image: Image, opts: BootOptions, token: str) -> MachineSpec:
         extra_args=opts.extra_args, name=r.name,
     )
     if opts.firmware is not None:
-        from harness import bootdisk
-        from harness.spec import Firmware
+        from harness.images import bootdisk
+        from harness.vm.spec import Firmware
 
         if opts.kernel is not None or opts.root_disk is not None:
             raise UsageError("a firmware boot runs the kernel and root filesystem of the image's boot disk: "
@@ -128,6 +165,23 @@ def spec_for(image: Image, opts: BootOptions, token: str) -> MachineSpec:
         spec = bootdisk.firmware_spec(spec, image, Firmware(opts.firmware), opts.extra_drives)
     return spec
 
+
+
+class _Watched(TransportBase):
+    """The guest's current transport behind :meth:`Guest.run`'s checks (testinfra's Host goes through it)."""
+
+    def __init__(self, guest: Guest) -> None:
+        self.guest = guest
+        self.name = guest.transport.name  # testinfra's connection type; a reset drops this Host with its transport
+
+    def run(self, cmd: str, *args: str, timeout: float = DEFAULT_TIMEOUT) -> CommandResult:
+        return self.guest.run(cmd, *args, timeout=timeout)
+
+    def put(self, local: Path, remote: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.guest.put(local, remote, timeout=timeout)
+
+    def get(self, remote: str, local: Path, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.guest.get(remote, local, timeout=timeout)
 
 class Guest:
     """A running guest booted from an image, reachable through ``transport``."""
@@ -143,14 +197,14 @@ class Guest:
         self.ready_lag: float | None = None
         self._ssh: SSHTransport | None = None
         self._host: Any = None
-        self.reset_tag: str | None = None  # the snapshot Guest.reset() loads (harness.reset)
+        self.reset_tag: str | None = None  # the snapshot Guest.reset() loads (harness.vm.snapshot)
         self.resets = 0
         self.last_reset: dict[str, float] = {}  # seconds per phase of the latest reset (loadvm, serial, ssh)
 
     def connect_ssh(self, *, timeout: float = 60.0) -> SSHTransport:
         """SSH to the guest (key auth, host key pinned to the one recorded at build time)."""
-        from harness import keys
-        from harness.ssh import SSHTransport
+        from harness.transport import keys
+        from harness.transport.ssh import SSHTransport
 
         if self._ssh is None:
             host_key = self.image.manifest.get("host_keys", {}).get("ssh-ed25519")
@@ -165,11 +219,11 @@ class Guest:
 
     @property
     def host(self) -> Any:
-        """A testinfra ``Host`` over this guest's transport."""
+        """A testinfra ``Host`` over this guest's transport, with the same checks as :meth:`run`."""
         if self._host is None:
-            from harness.testinfra_backend import testinfra_host
+            from harness.transport.testinfra import testinfra_host
 
-            self._host = testinfra_host(self.transport, self.image.name)
+            self._host = testinfra_host(_Watched(self), self.image.name)
         return self._host
 
     @property
@@ -194,29 +248,79 @@ class Guest:
         self.ready_lag = time.monotonic() - self.machine.console.arrived_at
         return self.ready_seconds
 
-    def run(self, cmd: str, *args: str, timeout: float = DEFAULT_TIMEOUT) -> CommandResult:
+    @contextlib.contextmanager
+    def _watched(self) -> Iterator[None]:
+        """A lost connection to an L2 is often its L1 dying: say so (blame_outer) before the error goes up."""
         try:
-            return self.transport.run(cmd, *args, timeout=timeout)
-        except (TransportError, CommandTimedOut):
-            self.machine.blame_outer()  # a lost connection to an L2 is often its L1 dying: say so
-            raise
-
-    def check_output(self, cmd: str, *args: str, timeout: float = DEFAULT_TIMEOUT) -> str:
-        try:
-            return self.transport.check_output(cmd, *args, timeout=timeout)
+            yield
         except (TransportError, CommandTimedOut):
             self.machine.blame_outer()
             raise
+
+    def run(self, cmd: str, *args: str, timeout: float = DEFAULT_TIMEOUT) -> CommandResult:
+        """Run *cmd* (each of *args* quoted) over the guest's transport; its CommandResult."""
+        with self._watched():
+            return self.transport.run(cmd, *args, timeout=timeout)
+
+    def check_output(self, cmd: str, *args: str, timeout: float = DEFAULT_TIMEOUT) -> str:
+        """stdout without its trailing newline; :class:`CommandFailed` (with the result) on a non-zero exit."""
+        with self._watched():
+            return self.transport.check_output(cmd, *args, timeout=timeout)
+
+    def put(self, local: Path, remote: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Copy the host's file *local* to *remote* in the guest."""
+        with self._watched():
+            self.transport.put(local, remote, timeout=timeout)
+
+    def get(self, remote: str, local: Path, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Copy the guest's file *remote* to *local* on the host."""
+        with self._watched():
+            self.transport.get(remote, local, timeout=timeout)
+
+    def take_reset_point(self, *, timeout: float = snapshot.SNAPSHOT_TIMEOUT) -> float:
+        """Snapshot the guest now as the state :meth:`reset` returns to; seconds taken.
+
+        Call it before SSH connects (``boot()`` does, with ``BootOptions(reset=True)``): a
+        connection open at the snapshot would be dead after every reset.
+        """
+        if self._ssh is not None:
+            raise MachineStateError(f"{self.image.name}: take the reset point before SSH connects "
+                                    "(boot with BootOptions(reset=True))")
+        seconds = snapshot.save(self.machine, snapshot.RESET_TAG, timeout=timeout)
+        self.reset_tag = snapshot.RESET_TAG
+        return seconds
 
     def reset(self, *, timeout: float | None = None) -> float:
         """Back to the just-booted state without rebooting (QEMU loadvm); seconds taken.
 
         Needs ``BootOptions(reset=True)``.  SSH is reconnected if it was the transport; files
-        written and processes started since boot are gone; the guest's clock jumps back.
+        written and processes started since boot are gone; the guest's clock jumps back
+        (harness/vm/snapshot.py says how).
         """
-        from harness import reset
-
-        return reset.reset_guest(self, timeout=timeout or reset.SNAPSHOT_TIMEOUT)
+        timeout = timeout or snapshot.SNAPSHOT_TIMEOUT
+        if self.reset_tag is None:
+            raise MachineStateError(f"{self.image.name}: no reset point (boot with BootOptions(reset=True), "
+                                    "or boot_guest(..., reset=True))")
+        started = time.monotonic()
+        over_ssh = self._ssh is not None and self.transport is self._ssh
+        if self._ssh is not None:
+            self._ssh.close()
+            self._ssh = None
+        self._host = None  # testinfra's Host holds the old transport
+        self.transport = self.serial
+        phases = {"loadvm": snapshot.load(self.machine, self.reset_tag, timeout=timeout)}
+        mark = time.monotonic()
+        # The shell answers the marker while SSH connects: the two waits overlap.
+        tok = snapshot.resync_send(self.machine)
+        if over_ssh:
+            self.transport = self.connect_ssh()
+            phases["ssh"] = time.monotonic() - mark
+        snapshot.resync_wait(self.machine, tok, timeout=min(timeout, snapshot.RESYNC_TIMEOUT))
+        phases["serial"] = time.monotonic() - mark
+        self.serial.broken = None  # the shell a timed-out command wedged is back at its prompt
+        self.resets += 1
+        self.last_reset = phases
+        return time.monotonic() - started
 
     def poweroff(self) -> int | None:
         """Power off from inside (nestbed's init has no ACPI daemon), then make sure."""
@@ -252,23 +356,22 @@ def boot(image: str | Image, *, options: BootOptions | None = None, log_dir: Pat
             raise ImageNotBuilt(img.name)
         img = images.build(img)
     if opts.firmware is not None:
-        from harness import bootdisk
+        from harness.images import bootdisk
 
         opts = bootdisk.prepare(img, opts, host)  # builds the boot disk (cached); longer ready timeout
     accel, reason = host.resolve_accel(opts.accel, img) if host else resolve_accel(opts.accel, img)
-    opts_resolved = BootOptions(**{**opts.__dict__, "accel": accel})
+    opts_resolved = dataclasses.replace(opts, accel=accel)
     if host is not None and opts.vcpus is None and img.recipe.vcpus > host.vcpus:
         # No more vCPUs than the host has, unless asked: an L2's vCPUs time-sliced on fewer L1 vCPUs
         # only make it slower (loaded machine, 1-vCPU L1: a 2-vCPU Debian L2 up in 37-50 s, a 1-vCPU one 12-14 s).
-        opts_resolved = BootOptions(**{**opts_resolved.__dict__, "vcpus": host.vcpus})
+        opts_resolved = dataclasses.replace(opts_resolved, vcpus=host.vcpus)
     if opts.reset and img.disk is None and opts.root_disk is None and host is None:
-        from harness.reset import state_drive_args  # savevm needs a qcow2 to hold the state
 
-        opts_resolved = BootOptions(**{**opts_resolved.__dict__, "extra_args": opts.extra_args + state_drive_args()})
+        opts_resolved = dataclasses.replace(opts_resolved, extra_args=opts.extra_args + snapshot.state_drive_args())
     if opts.kernel is not None and host is None and Path(opts.kernel).is_file() and img.recipe.arch is Arch.X86_64:
-        from harness.vmlinux import fast_kernel  # the same kernel, minus its emulated XZ decompression
+        from harness.vm.vmlinux import fast_kernel  # the same kernel, minus its emulated XZ decompression
 
-        opts_resolved = BootOptions(**{**opts_resolved.__dict__, "kernel": fast_kernel(Path(opts.kernel))})
+        opts_resolved = dataclasses.replace(opts_resolved, kernel=fast_kernel(Path(opts.kernel)))
     attempts = NESTED_BOOT_ATTEMPTS if host is not None else 1
     failed: list[str] = []
     for attempt in range(1, attempts + 1):
@@ -281,19 +384,17 @@ def boot(image: str | Image, *, options: BootOptions | None = None, log_dir: Pat
         try:
             if Via(via) is Via.SSH:
                 # paramiko takes ~0.6 s to import: do it while the guest boots, not after its marker.
-                import harness.ssh  # noqa: F401
+                import harness.transport.ssh  # noqa: F401
             # Recipes' timeouts are for level 1; each level down is emulated on top of the one above.
             guest.wait_ready(opts.ready_timeout or img.recipe.ready_timeout * (1 if host is None else 3))
             if opts.reset:
-                from harness.reset import take_reset_point
-
-                take_reset_point(guest)  # before SSH connects: a connection in the snapshot would be dead
+                guest.take_reset_point()  # before SSH connects: a connection in the snapshot would be dead
         except ConsoleTimeout as exc:
             machine.kill()  # never became usable: nothing to shut down gracefully
             if attempt == attempts or host is None or host.guest.machine.poll() is not None:
                 raise
             log.warning("level %d boot of %s did not come up (%s; serial log %s); trying once more",
-                        machine.level, img.name, str(exc).splitlines()[0], machine.serial_log_path)
+                        machine.level, img.name, headline(exc), machine.serial_log_path)
             failed.append(str(machine.serial_log_path))
             continue
         except BaseException:
@@ -308,9 +409,3 @@ def boot(image: str | Image, *, options: BootOptions | None = None, log_dir: Pat
         yield guest
     finally:
         guest.poweroff()
-
-
-def describe(guest: Guest) -> dict[str, Any]:
-    return {"image": guest.image.name, "accel": guest.accel.value, "accel_reason": guest.accel_reason,
-            "ready_seconds": guest.ready_seconds, "serial_log": str(guest.machine.serial_log_path)}
-

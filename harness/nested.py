@@ -3,12 +3,12 @@
 * :func:`boot_l1` boots the ``l1-host`` image with virtualization exposed (on a TCG
   host ``-cpu qemu64,+svm,+npt``: TCG emulates AMD SVM; on a KVM host ``-cpu host``),
   loads KVM with ``nested=1`` inside, and probes L1 with the same code as L0
-  (:mod:`harness.hostfacts` run by L1's python3, and a tiny guest booted under L1's KVM).
+  (:mod:`harness.hosts.hostfacts` run by L1's python3, and a tiny guest booted under L1's KVM).
 * Inner images reach L1 read-only: each qcow2 disk as its own virtio disk (L1's QEMU
   opens the block device as qcow2, with a throw-away overlay), kernels and initrds on
   one small ext4 "payload" disk built and cached on L0.
-* :class:`InnerMachine` is a :class:`~harness.machine.Machine` whose QEMU runs in L1: its
-  argv comes from the same :func:`~harness.spec.build_argv`, its serial console and QMP
+* :class:`InnerMachine` is a :class:`~harness.vm.machine.Machine` whose QEMU runs in L1: its
+  argv comes from the same :func:`~harness.vm.spec.build_argv`, its serial console and QMP
   are chardevs on L1's loopback reached through ``direct-tcpip`` channels, and its
   serial output is logged on L0 like any guest's.  When L1 itself dies, errors name
   level 1 and carry L1's QEMU stderr (e.g. ``qemu: fatal: invalid tss type``).
@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import random
@@ -29,14 +30,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness import images, paths, probe
-from harness.errors import HarnessError, LaunchError, TransportError
-from harness.guest import BootOptions, Guest, boot
-from harness.images import Image, run_step
-from harness.machine import KILL_TIMEOUT, Machine
-from harness.publish import DISCARD, publish, write_atomic
-from harness.relay import socket_for
-from harness.spec import (
+from harness.core import paths
+from harness.core.publish import DISCARD, publish, write_atomic
+from harness.errors import HarnessError, LaunchError, TransportError, headline
+from harness.guest import BootOptions, Guest, boot, probe_host
+from harness.hosts import probe
+from harness.images import store as images
+from harness.images.steps import run_step
+from harness.images.store import Image
+from harness.transport.ssh import quiet_paramiko
+from harness.vm.machine import KILL_TIMEOUT, Machine
+from harness.vm.relay import socket_for
+from harness.vm.spec import (
     Accel,
     Arch,
     Chardev,
@@ -48,7 +53,6 @@ from harness.spec import (
     resolve_ports,
     unallocated_forwards,
 )
-from harness.ssh import quiet_paramiko
 
 L1_IMAGE = "l1-host"
 PAYLOAD_MOUNT = "/nestbed/payload"
@@ -91,7 +95,7 @@ def l1_options(l0_accel: Accel, recipe_vcpus: int, recipe_memory: int) -> BootOp
 
     On L0's KVM the L1 gets ``-cpu host`` with its recipe's vCPUs, on Intel and AMD alike: vmx
     (kvm_intel) or svm (kvm_amd) passes through where the module's ``nested`` is on; where it is
-    off the L1 gets none and its L2s run under TCG inside it (:func:`harness.probe.l1_nested`
+    off the L1 gets none and its L2s run under TCG inside it (:func:`harness.hosts.probe.l1_nested`
     says which, and the L0 verdict's reason how to turn nested on).  On L0's TCG the L1 gets
     ``qemu64,+svm,+npt``: TCG's emulated SVM, so KVM in L1 works.
 
@@ -182,11 +186,11 @@ class L1Host:
                     return
                 except HarnessError:
                     if m.poll() is None:
-                        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+                        first = headline(err)
                         m.killed_because = (f"froze ({first}; no answer on the serial console within "
                                             f"{FREEZE_CHECK:g} s either) and was killed")
-                        m._hard_kill()
-        m._raise_exited(f"level {self.level} died")
+                        m.hard_kill()
+        m.raise_exited(f"level {self.level} died")
 
     def run(self, cmd: str, *args: str, timeout: float = 60.0) -> Any:
         return self.ssh.run(cmd, *args, timeout=timeout)
@@ -286,7 +290,7 @@ class InnerMachine(Machine):
                     return self._ssh().open_tunnel("127.0.0.1", port, timeout=10)
             except TransportError as exc:
                 if self.poll() is not None:
-                    self._raise_exited(f"QEMU in level {self.host.level} exited before its {what} "
+                    self.raise_exited(f"QEMU in level {self.host.level} exited before its {what} "
                                        f"chardev accepted a connection")
                 if time.monotonic() > deadline:
                     raise LaunchError(f"level {self.level} {what} chardev never listened: {exc}",
@@ -310,7 +314,7 @@ class InnerMachine(Machine):
         # before it can be reaped: give it BLAME_GRACE to be seen dead, or the error would
         # blame this level ("QemuExited, exit status None") instead of the one that died.
         if outer.poll() is not None or outer.wait(BLAME_GRACE) is not None:
-            outer._raise_exited(f"level {self.host.level} died while level {self.level} was running")
+            outer.raise_exited(f"level {self.host.level} died while level {self.level} was running")
 
     def poll(self) -> int | None:
         if self._status is not None:
@@ -343,7 +347,7 @@ class InnerMachine(Machine):
                                                     timeout=20).stdout
         return self._remote_stderr
 
-    def _hard_kill(self) -> int | None:
+    def hard_kill(self) -> int | None:
         if self.host.guest.machine.poll() is not None:
             return self._status
         d = shlex.quote(self.remote_dir)
@@ -388,19 +392,19 @@ def boot_l1(inner: list[str], *, log_dir: Path | None = None, image: str = L1_IM
                 _probe_l1(host)
             yield host
         return
-    l0 = probe.probe()
+    l0 = probe_host()
     l0_accel = Accel(l0["accel"]["x86_64"]["chosen"])
     r = l1_image.recipe
     opts = l1_options(l0_accel, r.vcpus, r.memory_mb)
     if extra_options:
-        opts = BootOptions(**{**opts.__dict__, **extra_options})
+        opts = dataclasses.replace(opts, **extra_options)
     payload = payload_disk(inner_images)
     drives = [Drive(payload, DiskFormat.RAW, read_only=True, serial="nbpayload")]
     for img in inner_images:
         if img.disk is None:
             continue
         drives.append(Drive(img.disk, DiskFormat.RAW, read_only=True, serial=disk_serial(img)))
-    opts = BootOptions(**{**opts.__dict__, "extra_drives": tuple(drives)})
+    opts = dataclasses.replace(opts, extra_drives=tuple(drives))
     with boot(l1_image, options=opts, via="ssh", log_dir=log_dir) as g:
         host = L1Host(guest=g, l0_accel=l0_accel, l0_qemu=l0["qemu"].get("x86_64"),
                       inner_images={i.name: i for i in inner_images})
@@ -442,7 +446,7 @@ def _deeper_host(parent: L1Host, image: Image, inner: list[Image], log_dir: Path
                for i in inner if i.disk is not None]
     opts = BootOptions(vcpus=image.recipe.vcpus, memory_mb=image.recipe.memory_mb // 2, extra_drives=tuple(drives))
     if extra_options:
-        opts = BootOptions(**{**opts.__dict__, **extra_options})
+        opts = dataclasses.replace(opts, **extra_options)
     with boot(image, options=opts, via="ssh", log_dir=log_dir, host=parent) as g:
         host = L1Host(guest=g, l0_accel=parent.l0_accel, l0_qemu=parent.l0_qemu,
                       inner_images={i.name: i for i in inner}, level=parent.level + 1)
@@ -502,7 +506,7 @@ def _l1_kvm_verdict(host: L1Host) -> tuple[dict[str, Any], bool]:
             except HarnessError as exc:
                 if host.guest.machine.poll() is not None:
                     raise
-                boots["x86_64"] = (False, str(exc).splitlines()[0])
+                boots["x86_64"] = (False, headline(exc))
         kf = known_failure(host.l0_accel.value, host.l0_qemu, Arch.I386.value, "kvm")
         if kf is None:
             boots["i386"] = boots["x86_64"]  # no known hazard: same KVM, same verdict
@@ -511,8 +515,3 @@ def _l1_kvm_verdict(host: L1Host) -> tuple[dict[str, Any], bool]:
     if kf is not None and host.facts["kvm"]["openable"]:
         accel["i386"] = {"chosen": "tcg", "reason": f"known failure, falling back to TCG in L1: {kf['reason']}"}
     return accel, boots.get("x86_64", (True, ""))[0]
-
-
-def describe(host: L1Host) -> dict[str, Any]:
-    return {"l0_accel": host.l0_accel.value, "l0_qemu": host.l0_qemu, "facts": host.facts, "accel": host.accel,
-            "devices": host.devices, "ready_seconds": host.guest.ready_seconds}

@@ -19,9 +19,10 @@ from typing import Any
 
 import pytest
 
-from harness import diskfmt, images
+from harness import diskfmt
 from harness.guest import Guest
-from harness.spec import Drive
+from harness.images import store as images
+from harness.vm.spec import Drive
 
 IMAGE = "appliance-web"
 PAGE = "<html><body><h1>nestbed appliance ok</h1></body></html>\n"  # images/appliance-web.toml

@@ -19,7 +19,7 @@ from nestbed_fixtures.plugin import GUESTS_KEY, guest_params
 from harness import guestfacts
 from harness.guest import BootOptions, Guest
 from harness.nested import L1Host, boot_l1, known_failure
-from harness.spec import Accel
+from harness.vm.spec import Accel
 
 pytestmark = pytest.mark.boot
 

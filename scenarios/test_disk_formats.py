@@ -26,8 +26,9 @@ from typing import Any
 import pytest
 from nestbed_fixtures.plugin import GUESTS_KEY
 
-from harness import diskfmt, images
+from harness import diskfmt
 from harness.guest import Guest
+from harness.images import store as images
 
 BOOT_IMAGE = "debian-x86_64"
 # The Debian root uses ~430 MiB of its 2 GiB ext4: shrunk to 640 MiB (resize2fs, ~1 s) every hop

@@ -1,6 +1,6 @@
 """Firmware scenarios: SeaBIOS and UEFI boot a Debian disk through its own bootloader (GRUB).
 
-No ``-kernel``: the firmware finds GRUB on the image's whole-disk image (harness/bootdisk.py),
+No ``-kernel``: the firmware finds GRUB on the image's whole-disk image (harness/images/bootdisk.py),
 GRUB loads the kernel and initrd from the root partition, and the kernel gets this boot's
 command line from GRUB (the harness passes it through SMBIOS).  Each case checks, from inside
 the guest, what booted it: ``/sys/firmware/efi`` and its ``fw_platform_size`` (64 or 32),
@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from harness import bootdisk
 from harness.guest import Guest
-from harness.spec import Arch, Firmware
+from harness.images import bootdisk
+from harness.vm.spec import Arch, Firmware
 
 MACHINE = {"x86_64": "x86_64", "i386": "i686"}
 

@@ -22,12 +22,13 @@ from typing import Any
 
 import pytest
 
-from harness import guestfacts, images, probe
+from harness import guestfacts
 from harness.errors import ImageBuildError
-from harness.guest import BootOptions, Guest
+from harness.guest import BootOptions, Guest, probe_host
 from harness.guestfacts import FEATURES_BY_NAME, PV_FEATURES, ParavirtFacts
+from harness.images import store as images
 from harness.nested import InnerMachine, boot_l1, l1_options
-from harness.spec import Accel, DiskFormat, Drive, DriveInterface
+from harness.vm.spec import Accel, DiskFormat, Drive, DriveInterface
 
 pytestmark = pytest.mark.boot
 
@@ -175,7 +176,7 @@ def test_xen_hvm_guest_on_l1_kvm(nestbed_facts: dict[str, Any]) -> None:
     # kmem_cache_alloc_noprof.  FIELD-NOTES found single-threaded TCG enough; on this machine kind
     # it was not (2 of 2 single-threaded boots panicked, 2026-11-25), while hiding CX16 from L1
     # (the kernel then takes SLUB's non-cmpxchg16b path) booted under the default multi-threaded TCG.
-    l0_accel = Accel(probe.probe()["accel"]["x86_64"]["chosen"])
+    l0_accel = Accel(probe_host()["accel"]["x86_64"]["chosen"])
     r = images.get_image(XEN_L1).recipe
     flags = l1_options(l0_accel, r.vcpus, r.memory_mb).cpu_flags + (("-cx16",) if l0_accel is Accel.TCG else ())
     with boot_l1(["tiny-x86_64"], image=XEN_L1, extra_options={"cpu_flags": flags}) as l1:

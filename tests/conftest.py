@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import paths
+from harness.core import paths
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -67,7 +67,7 @@ def nestbed(*args: str, timeout: float = 300, **kw: object) -> subprocess.Comple
 @pytest.fixture(scope="session")
 def tiny_images() -> None:
     """Build both tiny images once (a cache hit after the first run on a machine)."""
-    from harness import images
+    from harness.images import store as images
 
     for name in ("tiny-x86_64", "tiny-i386"):
         images.build(name)

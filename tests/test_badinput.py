@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from harness import diskfmt
 from harness.diskfmt import DiskFormatError
-from harness.spec import DiskFormat
+from harness.vm.spec import DiskFormat
 
 GOOD = 'kind = "tiny"\narch = "x86_64"\nkernel = "linux-image-cloud-amd64"\n'
 
@@ -136,10 +136,10 @@ def test_kernel_package_that_does_not_exist_names_it_and_marks_nothing_built(tmp
     assert nestbed("images", "list", "--json", env=_env(tmp_path), timeout=60).stdout.count('"built": true') == 0
 
 
-# -- matrix files (harness.matrix, written in parallel; skipped until it exists) --------------------
+# -- matrix files (harness.reports.matrix, written in parallel; skipped until it exists) --------------------
 
 def _matrix_cli() -> bool:
-    if importlib.util.find_spec("harness.matrix") is None:
+    if importlib.util.find_spec("harness.reports.matrix") is None:
         return False
     return nestbed("matrix", "--help", timeout=60).returncode == 0
 
@@ -153,7 +153,7 @@ def _matrix_cli() -> bool:
 def test_malformed_matrix_file_is_one_line_naming_file_and_key(tmp_path: Path, text: str, key: str,
                                                                needle: str) -> None:
     if not _matrix_cli():
-        pytest.skip("harness.matrix / `nestbed matrix` is not in the tree yet (written in parallel)")
+        pytest.skip("harness.reports.matrix / `nestbed matrix` is not in the tree yet (written in parallel)")
     path = tmp_path / "matrix.toml"
     path.write_text(text)
     line = _one_line_error(nestbed("matrix", "--tier", "smoke", "--matrix", str(path), timeout=120))
@@ -272,7 +272,7 @@ import struct, sys
 from pathlib import Path
 from harness import diskfmt
 from harness.diskfmt import DiskFormatError, Hop
-from harness.spec import DiskFormat
+from harness.vm.spec import DiskFormat
 p = Path(sys.argv[1])
 d = bytearray(p.read_bytes())
 d[12:20] = struct.pack("<Q", (1 << 40) // 512)  # capacity: 1 TiB, no grain tables to match

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from harness import bench
 from harness.errors import UsageError
+from harness.tools import bench
 
 
 def test_slow_benchmarks_run_only_when_named_or_asked_for() -> None:

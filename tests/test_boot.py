@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from conftest import REPO, nestbed, pid_gone, qemu_pids_under
 
-from harness import paths
+from harness.core import paths
 from harness.errors import GuestPanic, MachineStateError, QemuCrashed, TransportError
 from harness.guest import BootOptions, boot
-from harness.machine import sweep_stale_runs
-from harness.spec import Accel
+from harness.vm.machine import sweep_stale_runs
+from harness.vm.spec import Accel
 
 pytestmark = [pytest.mark.boot, pytest.mark.usefixtures("tiny_images")]
 
@@ -65,10 +65,10 @@ def test_commands_over_serial_are_framed(tmp_path: Path) -> None:
         # Files both ways.
         src = tmp_path / "in.bin"
         src.write_bytes(bytes(range(256)) * 40)
-        g.serial.put(src, "/tmp/copied")
+        g.put(src, "/tmp/copied")
         assert g.check_output("md5sum /tmp/copied").split()[0] == __import__("hashlib").md5(
             src.read_bytes()).hexdigest()
-        g.serial.get("/tmp/copied", tmp_path / "back.bin")
+        g.get("/tmp/copied", tmp_path / "back.bin")
         assert (tmp_path / "back.bin").read_bytes() == src.read_bytes()
         log = g.machine.serial_log_path
     assert log is not None and b"nestbed-ready-" in log.read_bytes()
@@ -175,8 +175,8 @@ def test_sweep_kills_qemu_of_a_dead_owner() -> None:
 
 
 def test_accel_is_chosen_automatically_and_recorded() -> None:
-    from harness.probe import accel_verdict
-    from harness.spec import Arch
+    from harness.guest import accel_verdict
+    from harness.vm.spec import Arch
 
     with boot("tiny-i386") as g:
         assert g.accel is Accel(accel_verdict(Arch.I386)["chosen"])

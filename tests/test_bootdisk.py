@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from harness import bootdisk
 from harness.errors import CapabilityMissing, ImageBuildError, ImageNotBuilt, UsageError
 from harness.guest import BootOptions, spec_for
-from harness.images import Image
-from harness.recipes import parse_recipe
-from harness.spec import (
+from harness.images import bootdisk
+from harness.images.recipes import parse_recipe
+from harness.images.store import Image
+from harness.vm.spec import (
     OVMF,
     Accel,
     Arch,
@@ -264,7 +264,7 @@ def test_prepare_refuses_bad_names_and_l2(tmp_path: Path) -> None:
 
 
 def test_check_firmware_names_the_missing_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from harness import spec as spec_mod
+    from harness.vm import spec as spec_mod
 
     monkeypatch.setitem(spec_mod.OVMF, 32, spec_mod.Ovmf(tmp_path / "nope.fd", tmp_path / "v.fd", smm=True, bits=32))
     with pytest.raises(CapabilityMissing, match="apt-get install ovmf-ia32"):

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from harness import images
 from harness.errors import CommandTimedOut, TransportError
 from harness.guest import Guest, boot
-from harness.transport import TransportBase
+from harness.images import store as images
+from harness.transport.base import TransportBase
 
 pytestmark = pytest.mark.boot
 
@@ -67,7 +67,7 @@ def test_timeout_is_typed_and_the_guest_stays_usable(transport: TransportBase) -
 
 
 def test_testinfra_on_each_transport(debian: Guest, transport: TransportBase) -> None:
-    from harness.testinfra_backend import testinfra_host
+    from harness.transport.testinfra import testinfra_host
 
     host = testinfra_host(transport)
     assert host.file("/etc/os-release").contains("bookworm")
@@ -77,8 +77,8 @@ def test_testinfra_on_each_transport(debian: Guest, transport: TransportBase) ->
 
 
 def test_a_different_host_key_is_refused(debian: Guest) -> None:
-    from harness import keys
-    from harness.ssh import SSHTransport
+    from harness.transport import keys
+    from harness.transport.ssh import SSHTransport
 
     _, impostor = keys.new_host_key()
     key_path, _ = keys.client_keypair()
@@ -117,7 +117,7 @@ def test_nothing_listens_beyond_loopback(debian: Guest) -> None:
 def test_appliance_serves_its_page_over_each_transport() -> None:
     with boot("appliance-web", via="ssh") as g:
         for t in (g.serial, g.connect_ssh()):
-            from harness.testinfra_backend import testinfra_host
+            from harness.transport.testinfra import testinfra_host
 
             host = testinfra_host(t)
             assert host.socket("tcp://80").is_listening

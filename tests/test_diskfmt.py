@@ -17,7 +17,7 @@ import pytest
 from harness import diskfmt
 from harness.diskfmt import DiskFormatError, Hop, Pitfall, parse_chain
 from harness.errors import UsageError
-from harness.spec import DiskFormat
+from harness.vm.spec import DiskFormat
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -295,7 +295,7 @@ def test_cli_roundtrip_text_and_errors(source: Path, tmp_path: Path) -> None:
 @pytest.mark.boot  # not a boot, but it needs the debian-x86_64 image built (a cache hit after the first run)
 def test_boot_refuses_a_disk_without_ext4_before_booting(source: Path, tmp_path: Path) -> None:
     """--boot needs the image's own root filesystem; random data is refused at once, clearly."""
-    from harness import images
+    from harness.images import store as images
 
     images.build("debian-x86_64")
     with pytest.raises(DiskFormatError, match="has no ext4 filesystem at its start"):

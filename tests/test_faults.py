@@ -24,11 +24,11 @@ from pathlib import Path
 import pytest
 from conftest import REPO, nestbed, pid_gone, qemu_pids_under
 
-from harness import paths
+from harness.core import paths
 from harness.errors import CommandTimedOut, ConsoleTimeout, HarnessError, QemuExited, TransportError
 from harness.guest import BootOptions, boot
-from harness.machine import sweep_stale_runs
-from harness.soak import Outcome, parse_junit, render, tally
+from harness.tools.soak import Outcome, parse_junit, render, tally
+from harness.vm.machine import sweep_stale_runs
 
 EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGKILL: -signal.SIGKILL}
 
@@ -395,7 +395,7 @@ def test_soak_cli_refuses_zero_runs(tmp_path: Path) -> None:
 
 
 def test_soak_run_that_collects_nothing_is_not_green(tmp_path: Path) -> None:
-    from harness.soak import run_soak
+    from harness.tools.soak import run_soak
 
     report = run_soak(1, tier="nestbed_no_such_marker", out_dir=tmp_path, timeout=300)
     assert not report.green and not report.tests

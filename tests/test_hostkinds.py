@@ -2,8 +2,8 @@
 
 Each host kind is a small fake tree (``proc/cpuinfo``, ``sys/module/kvm_*/parameters/nested``,
 ``dev/kvm`` as a regular file with a mode and a group, ``etc/group``) read by the real
-:mod:`harness.hostfacts` readers, plus the KVM boot results the probe would have seen, fed to
-:func:`harness.probe.decide`; the L1 it would boot comes from :func:`harness.nested.l1_options`.
+:mod:`harness.hosts.hostfacts` readers, plus the KVM boot results the probe would have seen, fed to
+:func:`harness.hosts.probe.decide`; the L1 it would boot comes from :func:`harness.nested.l1_options`.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
-from harness import hostfacts
+from harness.hosts import hostfacts
+from harness.hosts.probe import decide, host_facts, l1_nested
 from harness.nested import L1_TCG_VCPUS, l1_options
-from harness.probe import decide, host_facts, l1_nested
-from harness.spec import Accel
+from harness.vm.spec import Accel
 
 RECIPE_VCPUS, RECIPE_MEMORY = 2, 2048
 BOOTED = {"x86_64": (True, "a tiny x86_64 guest booted under KVM in 0.9 s (x86_64)"),

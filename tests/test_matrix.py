@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import matrix as mx
 from harness.errors import UsageError
+from harness.reports import matrix as mx
 from tests.conftest import REPO, nestbed
 
 pytest_plugins = ["pytester"]

@@ -12,7 +12,7 @@ from conftest import nestbed
 from harness.errors import CommandTimedOut, GuestFrozen, QemuCrashed, QemuExited
 from harness.guest import BootOptions
 from harness.nested import L1Host, boot_l1, known_failure
-from harness.spec import Accel
+from harness.vm.spec import Accel
 
 INNER = ["tiny-x86_64", "tiny-i386", "debian-x86_64", "debian-i386"]
 # The module shares one L1 (the plugin's l1_host) carrying these images.
@@ -113,7 +113,9 @@ def test_an_l2_timeout_stays_the_l2s_own_when_its_l1_answers(l1: L1Host) -> None
 def test_an_l1_kvm_probe_that_fails_is_retried_and_never_cached(l1: L1Host, monkeypatch: pytest.MonkeyPatch) -> None:
     # A flaky L2 boot must not become a cached "L1 has no KVM" for the rest of the host boot:
     # here the probe's tiny guest gets no time to boot, so every try fails.
-    from harness import nested, paths, probe
+    from harness import nested
+    from harness.core import paths
+    from harness.hosts import probe
 
     monkeypatch.setattr(nested, "L2_KVM_PROBE_DEADLINE", 0.5)
     monkeypatch.setattr(probe, "cache_key", lambda: "test-failed-probe")

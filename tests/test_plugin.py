@@ -42,7 +42,7 @@ def test_guests_boot_and_are_shut_down(pytester: pytest.Pytester, tmp_path) -> N
 
     from conftest import qemu_pids_under
 
-    from harness import paths
+    from harness.core import paths
 
     # This worker's own session may hold guests of its fixtures (a shared Debian guest, an L1):
     # only QEMUs that the inner run started count.

@@ -1,6 +1,6 @@
 """Cache artifacts are built once, under a lock, and published atomically.
 
-The unit half drives :func:`harness.publish.publish` directly (files, directories, failures,
+The unit half drives :func:`harness.core.publish.publish` directly (files, directories, failures,
 discards, stale debris, racing processes); the boot half starts several processes on an empty
 cache that all need the same image, payload disk and probe verdict, as xdist workers do on a
 newcomer's first ``make report``, and checks that all succeed and each artifact was built once.
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from harness import paths, publish
+from harness.core import paths, publish
 from harness.errors import CacheError
 
 
@@ -102,7 +102,8 @@ def test_a_held_lock_times_out_with_one_line(cache: Path) -> None:
     with publish.lock_for(target):
         proc = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
             from pathlib import Path
-            from harness import paths, publish
+            from harness.core import paths
+            from harness.core import publish
             paths.set_cache_dir({str(cache)!r})
             publish.publish(Path({str(target)!r}), lambda t: t.write_text("x"), what="thing", timeout=0.5)
             """)], capture_output=True, text=True, timeout=60, cwd=REPO)
@@ -119,7 +120,8 @@ def test_write_atomic_keeps_mode(cache: Path) -> None:
 RACER = """
 import sys, time
 from pathlib import Path
-from harness import paths, publish
+from harness.core import paths
+from harness.core import publish
 paths.set_cache_dir(sys.argv[1])
 def slow(tmp):
     tmp.mkdir()
@@ -145,11 +147,14 @@ def test_racing_processes_build_once_and_all_see_it_whole(cache: Path) -> None:
 
 COLD_START = """
 import json, sys
-from harness import images, nested, paths, probe
+from harness.images import store as images
+from harness import nested
+from harness.core import paths
+from harness.guest import probe_host
 paths.set_cache_dir(sys.argv[1])
 img = images.build("tiny-x86_64", progress=lambda _m: None)
 disk = nested.payload_disk([img])
-verdict = probe.probe()
+verdict = probe_host()
 print(json.dumps({"image": str(img.dir), "payload": str(disk), "size": disk.stat().st_size,
                   "accel": verdict["accel"]["x86_64"]["chosen"]}))
 """

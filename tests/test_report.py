@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from harness import report as rp
-from harness import report_render
-from harness.progress import CellProgress
+from harness.core.progress import CellProgress
+from harness.reports import model as rp
+from harness.reports import render as report_render
 from tests.conftest import REPO, nestbed
 
 pytest_plugins = ["pytester"]
@@ -355,7 +355,7 @@ def test_report_diff_exits_1_on_a_pass_that_now_skips_and_0_on_a_skip_that_stays
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import argparse
 
-    from harness import report_cli
+    from harness.reports import cli as report_cli
 
     old, new = _hide_docs()
     o, n = _write(tmp_path / "old", old), _write(tmp_path / "new", new)
@@ -447,7 +447,7 @@ def test_progress_live_line_on_a_tty() -> None:
 def test_report_command_line() -> None:
     import argparse
 
-    from harness.report_cli import pytest_argv
+    from harness.reports.cli import pytest_argv
 
     args = argparse.Namespace(tier="nightly", shard="2/4", numprocesses="auto")
     argv = pytest_argv(args, Path("/r"), Path("/m.toml"), ["-k", "boot"])

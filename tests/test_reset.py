@@ -1,4 +1,4 @@
-"""Reset without reboot (harness.reset): a guest returns to its just-booted state via loadvm."""
+"""Reset without reboot (harness.vm.snapshot): a guest returns to its just-booted state via loadvm."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ from collections.abc import Callable
 
 import pytest
 
-from harness import images
 from harness.errors import MachineStateError
 from harness.guest import Guest
-from harness.machine import Machine
-from harness.reset import RESET_TAG, hmp_error
-from harness.spec import MachineSpec
+from harness.images import store as images
+from harness.vm.machine import Machine
+from harness.vm.snapshot import RESET_TAG, hmp_error
+from harness.vm.spec import MachineSpec
 
 pytest_plugins = ["pytester"]
 

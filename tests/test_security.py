@@ -19,12 +19,13 @@ from typing import Any
 import pytest
 from conftest import nestbed
 
-from harness import keys, paths
+from harness.core import paths
 from harness.errors import GuestError, QemuCrashed
 from harness.guest import BootOptions, Guest, boot
 from harness.nested import L1Host, boot_l1
-from harness.spec import Accel
-from harness.transport import TransportBase
+from harness.transport import keys
+from harness.transport.base import TransportBase
+from harness.vm.spec import Accel
 
 # Each would do damage (or leave /tmp/pwned) if a shell interpreted it.
 HOSTILE = [
@@ -106,7 +107,7 @@ def debian() -> Iterator[Guest]:
 def test_hostile_arguments_reach_the_guest_verbatim(debian: Guest, via: str, tmp_path: Path) -> None:
     t: TransportBase = debian.serial if via == "serial" else debian.connect_ssh()
     if via == "testinfra-ssh":
-        from harness.testinfra_backend import testinfra_host
+        from harness.transport.testinfra import testinfra_host
 
         host = testinfra_host(t)
         out = host.check_output("printf '%%s\\0' " + " ".join(["%s"] * len(HOSTILE)), *HOSTILE)

@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from harness import aptsources
 from harness.cli import main
 from harness.errors import ConsoleTimeout, GuestPanic, ImageBuildError, RecipeError, UsageError
-from harness.probe import cpu_facts, decide
-from harness.recipes import parse_recipe
-from harness.spec import (
+from harness.hosts.probe import cpu_facts, decide
+from harness.images import aptsources
+from harness.images.recipes import parse_recipe
+from harness.images.tiny import TINY_INIT, tiny_initramfs, write_cpio
+from harness.transport.base import quote_command
+from harness.vm.spec import (
     Accel,
     Arch,
     Chardev,
@@ -27,8 +29,6 @@ from harness.spec import (
     build_argv,
     resolve_ports,
 )
-from harness.tiny import TINY_INIT, tiny_initramfs, write_cpio
-from harness.transport import quote_command
 
 EP = Endpoints(serial=Chardev(fd=5), qmp=Chardev(fd=7))
 
@@ -76,7 +76,7 @@ def test_make_test_reruns_exactly_the_nested_faults() -> None:
     import re
 
     from harness.errors import GuestFrozen, QemuExited
-    from harness.machine import exit_message
+    from harness.vm.machine import exit_message
 
     makefile = (Path(__file__).resolve().parent.parent / "Makefile").read_text().replace("\\\n", " ")
     line = next(ln for ln in makefile.splitlines() if ln.startswith("NESTED_RERUN"))

@@ -25,7 +25,7 @@ import pytest
 
 from harness import diskfmt
 from harness.diskfmt import DiskFormatError, GuestCheck, Hop, ReaderEntry, parse_chain
-from harness.spec import DiskFormat
+from harness.vm.spec import DiskFormat
 
 REPO = Path(__file__).resolve().parent.parent
 SIZE = 4 << 20  # 4 MiB virtual disks: 1 MiB of random data, then a sparse zero tail

@@ -1,4 +1,4 @@
-"""harness.vmlinux: a bzImage's payload decompressed once and booted as a PVH ELF (no QEMU here)."""
+"""harness.vm.vmlinux: a bzImage's payload decompressed once and booted as a PVH ELF (no QEMU here)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import paths
-from harness.vmlinux import decompress, fast_kernel, has_pvh_note, payload
+from harness.core import paths
+from harness.vm.vmlinux import decompress, fast_kernel, has_pvh_note, payload
 
 
 def _elf(*, pvh: bool) -> bytes:

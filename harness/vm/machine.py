@@ -29,8 +29,8 @@ from typing import IO, Any, NoReturn
 
 import pexpect
 
-from harness import paths, tools
-from harness.console import SocketSpawn, open_log
+from harness.core import paths
+from harness.core import programs as tools
 from harness.errors import (
     ConsoleTimeout,
     GuestFrozen,
@@ -40,7 +40,8 @@ from harness.errors import (
     QemuCrashed,
     QemuExited,
 )
-from harness.spec import Chardev, Endpoints, MachineSpec, build_argv, resolve_ports, unallocated_forwards
+from harness.vm.console import SocketSpawn, open_log
+from harness.vm.spec import Chardev, Endpoints, MachineSpec, build_argv, resolve_ports, unallocated_forwards
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +269,8 @@ class Machine:
         except subprocess.TimeoutExpired:
             return None
 
-    def _hard_kill(self) -> int | None:
+    def hard_kill(self) -> int | None:
+        """SIGKILL QEMU now (no powerdown, no QMP) and reap it; its exit status, or None if it never started."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
@@ -301,7 +303,7 @@ class Machine:
                 logging.getLogger(name).setLevel(logging.CRITICAL + 1)
             raise
         except Exception as exc:
-            self._raise_exited(f"QMP handshake failed: {exc}", cause=exc)
+            self.raise_exited(f"QMP handshake failed: {exc}", cause=exc)
 
     @property
     def uptime(self) -> float:
@@ -317,7 +319,7 @@ class Machine:
             return self.stderr_path.read_bytes().decode("utf-8", "replace")
         return ""
 
-    def _raise_exited(self, why: str, cause: BaseException | None = None) -> NoReturn:
+    def raise_exited(self, why: str, cause: BaseException | None = None) -> NoReturn:
         """Raise the typed error for a QEMU that is gone (or going)."""
         self._blame()
         rc = self.wait(KILL_TIMEOUT)
@@ -374,9 +376,15 @@ class Machine:
             raise GuestPanic(f"guest kernel panicked: {headline}",
                              serial_tail=self.serial_tail(), stderr_tail=self.stderr_text(), level=self.level)
         if idx == 2 or self.poll() is not None:
-            self._raise_exited(f"while waiting for {what or repr(pattern)}")
+            self.raise_exited(f"while waiting for {what or repr(pattern)}")
         raise ConsoleTimeout(what or repr(pattern), timeout, serial_tail=self.serial_tail(),
                              stderr_tail=self.stderr_text(), level=self.level)
+
+    def before_match(self) -> str:
+        """What the console printed between the previous match and the last :meth:`expect`'s match."""
+        assert self.console is not None
+        before: str = self.console.before
+        return before
 
     def send(self, text: str) -> None:
         self._require(Runstate.RUNNING)
@@ -384,7 +392,7 @@ class Machine:
         try:
             self.console.send(text)
         except OSError as exc:
-            self._raise_exited(f"serial console write failed: {exc}", cause=exc)
+            self.raise_exited(f"serial console write failed: {exc}", cause=exc)
 
     # -- shutdown ------------------------------------------------------------------------
 
@@ -416,7 +424,7 @@ class Machine:
     def _teardown(self) -> int | None:
         if self.runstate is Runstate.SHUTDOWN:
             return self.poll()
-        rc = self._hard_kill()
+        rc = self.hard_kill()
         if self.qmp is not None:
             with contextlib.suppress(Exception):
                 self.qmp.close()

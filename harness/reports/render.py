@@ -1,6 +1,6 @@
 """Rendering of reports: a self-contained ``index.html`` (no network) and a GitHub-sized ``summary.md``.
 
-Pure functions of the report/fleet documents built by :mod:`harness.report`.
+Pure functions of the report/fleet documents built by :mod:`harness.reports.model`.
 """
 
 from __future__ import annotations
@@ -8,10 +8,13 @@ from __future__ import annotations
 import html
 import json
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from harness.report import BAD, OUTCOMES, host_key
-from harness.report import scenario_of as rp_scenario
+from harness.core.publish import write_atomic
+from harness.errors import headline
+from harness.reports.model import BAD, OUTCOMES, host_key
+from harness.reports.model import scenario_of as rp_scenario
 
 LABEL = {"pass": "pass", "fail": "FAIL", "error": "ERROR", "skip": "skip", "xfail": "xfail", "xpass": "XPASS"}
 ICON = {"pass": "✅", "fail": "❌", "error": "💥", "skip": "⏭️", "xfail": "⚠️", "xpass": "❗"}
@@ -130,7 +133,7 @@ def _counts_html(summary: Mapping[str, int]) -> str:
 def _cell_title(c: Mapping[str, Any]) -> str:
     bits = [f"{c['nodeid']}", f"{LABEL[c['outcome']]} in {fmt_seconds(c.get('duration_seconds'))}"]
     if c.get("reason"):
-        bits.append(str(c["reason"]).splitlines()[0][:200])
+        bits.append(headline(str(c["reason"]))[:200])
     for k, v in list((c.get("facts") or {}).items())[:8]:
         bits.append(f"{k} = {json.dumps(v)[:80]}")
     for g in c.get("guests") or []:
@@ -236,7 +239,7 @@ def _details_html(cells: Sequence[Mapping[str, Any]]) -> str:
     out = []
     for i, c in enumerate(cells):
         o = c["outcome"]
-        reason = f" — {esc(str(c['reason']).splitlines()[0][:200])}" if c.get("reason") else ""
+        reason = f" — {esc(headline(str(c['reason']))[:200])}" if c.get("reason") else ""
         body = [f"<p>configuration <code>{esc(c['config'])}</code>; worker {esc(c.get('worker') or '-')}; "
                 f"phases {esc(', '.join(f'{k} {v:.2f}s' for k, v in (c.get('phases') or {}).items()))}; "
                 f"markers {esc(', '.join(c.get('markers') or []) or '-')}</p>"]
@@ -340,7 +343,7 @@ def report_html(doc: Mapping[str, Any]) -> str:
         items = []
         for i, c in failures:
             logs = " ".join(f"<a href=\"{esc(p)}\">serial log</a>" for p in c["artifacts"]["serial_logs"]) or "no guest log"
-            reason = esc(str(c.get("reason") or "").splitlines()[0][:200]) if c.get("reason") else ""
+            reason = esc(headline(str(c.get("reason") or ""))[:200])
             items.append(f"<li class=\"o-{c['outcome']}\"><a href=\"#cell-{i}\">{esc(c['nodeid'])}</a> {reason} — {logs}</li>")
         fail_list = f"<h2>Failures</h2><ul>{''.join(items)}</ul>"
     l1 = "".join(f"<h3 id=\"{esc(h.get('id'))}\">{esc(h.get('id'))} (level {esc(h.get('level'))}, L0 accel "
@@ -384,7 +387,7 @@ def report_markdown(doc: Mapping[str, Any]) -> str:
         lines.append("")
     lines += ["| scenario | configuration | outcome | time | detail |", "| --- | --- | --- | --- | --- |"]
     for c in cells[:MD_ROW_LIMIT]:
-        detail = str(c.get("reason") or "").splitlines()[0][:120] if c.get("reason") else ""
+        detail = headline(str(c.get("reason") or ""))[:120]
         lines.append(f"| `{_md(c['scenario'])}` | {_md(c['config'])} | {ICON[c['outcome']]} {c['outcome']} | "
                      f"{fmt_seconds(c.get('duration_seconds'))} | {_md(detail)} |")
     if len(cells) > MD_ROW_LIMIT:
@@ -460,3 +463,26 @@ def fleet_markdown(doc: Mapping[str, Any]) -> str:
             marks.append(f"{ICON[c['outcome']]} {c['outcome']}" if c else "—")
         lines.append(f"| `{_md(n)}` | " + " | ".join(marks) + " |")
     return "\n".join(lines) + "\n"
+
+
+# --- writing a report's files ----------------------------------------------------------------
+
+def write_report(doc: Mapping[str, Any], out_dir: Path) -> dict[str, Path]:
+    """Write report.json, index.html and summary.md into *out_dir*; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "report.json", "html": out_dir / "index.html", "md": out_dir / "summary.md"}
+    write_atomic(paths["json"], json.dumps(doc, indent=2, default=str) + "\n")
+    write_atomic(paths["html"], report_html(doc))
+    write_atomic(paths["md"], report_markdown(doc))
+    return paths
+
+
+def write_fleet(doc: Mapping[str, Any], out_dir: Path) -> dict[str, Path]:
+    """Write fleet.json, index.html and summary.md into *out_dir*; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clean = {k: v for k, v in doc.items() if not k.startswith("_")}
+    paths = {"json": out_dir / "fleet.json", "html": out_dir / "index.html", "md": out_dir / "summary.md"}
+    write_atomic(paths["json"], json.dumps(clean, indent=2, default=str) + "\n")
+    write_atomic(paths["html"], fleet_html(clean))
+    write_atomic(paths["md"], fleet_markdown(clean))
+    return paths

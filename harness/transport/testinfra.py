@@ -12,11 +12,11 @@ from typing import Any
 import testinfra.host
 from testinfra.backend.base import BaseBackend, CommandResult
 
-from harness.transport import DEFAULT_TIMEOUT, TransportBase
+from harness.transport.base import DEFAULT_TIMEOUT, TransportBase
 
 
 class NestbedBackend(BaseBackend):
-    """A testinfra backend that delegates to a nestbed :class:`~harness.transport.Transport`."""
+    """A testinfra backend that delegates to a nestbed :class:`~harness.transport.base.Transport`."""
 
     NAME = "nestbed"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import sys
 import threading
 import time
@@ -142,3 +143,16 @@ class CellProgress(_LiveLine):
                                   f"{self.done}/{self.total if self.total is not None else '?'} {outcome:5} "
                                   f"{cell}{took}{'' if eta is None else ', ETA ' + _fmt_eta(eta)}\n")
                 self.stream.flush()
+
+
+class Event(enum.StrEnum):
+    """The events of a report run's ``progress.jsonl`` (written by the plugin, read by ``nestbed report``)."""
+
+    BEGIN = "begin"    # the session started
+    TOTAL = "total"    # n: how many cells were collected
+    START = "start"    # nodeid: a cell began
+    DONE = "done"      # nodeid, outcome, seconds: a cell ended
+    END = "end"        # report: index.html's path, summary: the counts
+
+
+PROGRESS_FILE = "progress.jsonl"

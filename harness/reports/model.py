@@ -1,8 +1,8 @@
-"""Run reports: ``report.json`` (schema ``harness/report_schema.json``), fleet merges and diffs.
+"""Run reports: ``report.json`` (schema ``harness/reports/report_schema.json``), fleet merges and diffs.
 
 The pytest side (``fixtures/reporting.py``) hands this module plain dicts, one per test phase
 (:func:`cell_from_phases`); everything here is pure data in, files out, so it is tested without
-pytest or QEMU.  Rendering (HTML, Markdown) is :mod:`harness.report_render`.
+pytest or QEMU.  Rendering (HTML, Markdown) is :mod:`harness.reports.render`.
 
 A report directory holds ``report.json``, ``junit.xml``, ``index.html``, ``summary.md``,
 ``pytest.log`` and ``logs/`` (the guests' serial logs).  A fleet directory (``nestbed report
@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.errors import UsageError
-from harness.publish import write_atomic
+from harness.errors import UsageError, headline
 
 SCHEMA_VERSION = 1
 REPORT_SCHEMA = "nestbed-report"
@@ -167,8 +166,8 @@ def _relativize(path: str | None, base: Path) -> str | None:
 def build_report(cells: Sequence[dict[str, Any]], run: RunInfo, host: Mapping[str, Any],
                  *, out_dir: Path, l1_hosts: Sequence[Mapping[str, Any]] = (),
                  deselected: Sequence[Mapping[str, str]] = ()) -> dict[str, Any]:
-    """The report.json document (see docs/reports.md and harness/report_schema.json)."""
-    from harness import __version__
+    """The report.json document (see docs/reports.md and harness/reports/report_schema.json)."""
+    from harness.core import __version__
 
     fixed = []
     for c in cells:
@@ -208,18 +207,6 @@ def validate(doc: Mapping[str, Any]) -> list[str]:
     validator = jsonschema.Draft202012Validator(schema)
     return [f"{'/'.join(str(p) for p in e.absolute_path) or '<root>'}: {e.message}"
             for e in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))]
-
-
-def write_report(doc: Mapping[str, Any], out_dir: Path) -> dict[str, Path]:
-    """Write report.json, index.html and summary.md into *out_dir*; returns their paths."""
-    from harness import report_render
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "report.json", "html": out_dir / "index.html", "md": out_dir / "summary.md"}
-    write_atomic(paths["json"], json.dumps(doc, indent=2, default=str) + "\n")
-    write_atomic(paths["html"], report_render.report_html(doc))
-    write_atomic(paths["md"], report_render.report_markdown(doc))
-    return paths
 
 
 # --- reading, merging, diffing -------------------------------------------------------------
@@ -301,18 +288,6 @@ def merge(docs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return {"schema": FLEET_SCHEMA, "schema_version": SCHEMA_VERSION, "generated": iso(),
             "sources": [str(d.get("_source")) for d in docs], "hosts": hosts,
             "summary": summarize(c for h in hosts for c in h["cells"].values())}
-
-
-def write_fleet(doc: Mapping[str, Any], out_dir: Path) -> dict[str, Path]:
-    from harness import report_render
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    clean = {k: v for k, v in doc.items() if not k.startswith("_")}
-    paths = {"json": out_dir / "fleet.json", "html": out_dir / "index.html", "md": out_dir / "summary.md"}
-    write_atomic(paths["json"], json.dumps(clean, indent=2, default=str) + "\n")
-    write_atomic(paths["html"], report_render.fleet_html(clean))
-    write_atomic(paths["md"], report_render.fleet_markdown(clean))
-    return paths
 
 
 @dataclass
@@ -398,7 +373,7 @@ def render_diff(d: Diff) -> str:
             return
         lines.append(f"{title} ({len(items)}):")
         for ch in items:
-            why = f"  -- {ch.reason.splitlines()[0][:160]}" if ch.reason else ""
+            why = f"  -- {headline(ch.reason)[:160]}" if ch.reason else ""
             lines.append(f"  {ch.old or '(absent)'} -> {ch.new or '(absent)'}  {ch.nodeid}  [{ch.host}]{why}")
 
     section("REGRESSIONS", d.regressions)

@@ -53,11 +53,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from harness.core.publish import publish, write_atomic
 from harness.errors import CapabilityMissing, ImageBuildError, ImageNotBuilt, UsageError
-from harness.images import Image, run_step
-from harness.publish import publish, write_atomic
-from harness.recipes import Kind
-from harness.spec import Arch, DiskFormat, Drive, Firmware, MachineSpec, ovmf_for
+from harness.images.recipes import Kind
+from harness.images.steps import run_step
+from harness.images.store import Image
+from harness.vm.spec import Arch, DiskFormat, Drive, Firmware, MachineSpec, ovmf_for
 
 if TYPE_CHECKING:
     from harness.guest import BootOptions

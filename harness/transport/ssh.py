@@ -22,7 +22,7 @@ from typing import Any
 import paramiko
 
 from harness.errors import CommandTimedOut, HarnessError, TransportError
-from harness.transport import DEFAULT_TIMEOUT, CommandResult, TransportBase, quote_command
+from harness.transport.base import DEFAULT_TIMEOUT, CommandResult, TransportBase, quote_command
 
 CONNECT_TIMEOUT = 60.0
 RETRY_PAUSE = 0.2

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import ImageBuildError
-from harness.images import Progress, builder, mmdebstrap, resolved_versions
-from harness.recipes import Kind, Recipe
+from harness.images.recipes import Recipe
+from harness.images.steps import Progress, mmdebstrap, resolved_versions
 
 # The init of every tiny guest.  Kernel messages are cut to emergencies (panics still
 # show) so command output on the console stays clean; echo and CR/LF translation are
@@ -102,7 +102,6 @@ def find_one(root: Path, pattern: str, what: str) -> Path:
     return Path(found[-1])
 
 
-@builder(Kind.TINY)
 def build_tiny(recipe: Recipe, work: Path, say: Progress) -> dict[str, Any]:
     root = work / "root"
     say(f"fetching {recipe.kernel} and busybox-static ({recipe.arch.debian}) with mmdebstrap")

@@ -26,8 +26,8 @@ import struct
 import subprocess
 from pathlib import Path
 
-from harness import paths
-from harness.publish import publish, write_atomic
+from harness.core import paths
+from harness.core.publish import publish, write_atomic
 
 HDRS_MAGIC = b"HdrS"  # at 0x202 in every bzImage with a boot protocol header
 PVH_NOTE_NAME = b"Xen"

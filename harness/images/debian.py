@@ -23,10 +23,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from harness import keys
 from harness.errors import ImageBuildError
-from harness.images import Progress, builder, mmdebstrap, resolved_versions, run_step
-from harness.recipes import InitMode, Kind, Recipe
+from harness.images.recipes import InitMode, Recipe
+from harness.images.steps import Progress, mmdebstrap, resolved_versions, run_step
+from harness.transport import keys
 
 BASE_PACKAGES = ["openssh-server", "iproute2", "kmod", "procps", "coreutils", "netbase"]
 SYSTEMD_PACKAGES = ["systemd-sysv", "udev", "dbus"]
@@ -201,7 +201,6 @@ def customize(root: Path, recipe: Recipe, uuid_: str) -> dict[str, Any]:
     return {"append": append, "host_keys": {"ssh-ed25519": " ".join(public.split()[:2])}}
 
 
-@builder(Kind.DEBIAN, version=2)
 def build_debian(recipe: Recipe, work: Path, say: Progress) -> dict[str, Any]:
     root = work / "root"
     include = [recipe.kernel, *BASE_PACKAGES, *recipe.packages]

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 _override: Path | None = None
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # harness/
 
 
 def builtin_dir(name: str) -> Path:

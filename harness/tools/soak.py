@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import paths
+from harness.core import paths
 from harness.errors import UsageError
 
 RUN_TIMEOUT = 3600.0  # one pass of a tier; the smoke tier takes minutes

@@ -16,12 +16,12 @@ import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from harness.errors import CommandFailed, CommandTimedOut, ConsoleTimeout, HarnessError, TransportError
 
 if TYPE_CHECKING:
-    from harness.machine import Machine
+    from harness.vm.machine import Machine
 
 DEFAULT_TIMEOUT = 60.0
 RECOVER_TIMEOUT = 15.0
@@ -62,22 +62,23 @@ def quote_command(cmd: str, *args: str) -> str:
     return " ".join([cmd, *(shlex.quote(str(a)) for a in args)])
 
 
-class Transport(Protocol):
-    name: str
-
-    def run(self, cmd: str, *args: str, timeout: float = DEFAULT_TIMEOUT) -> CommandResult: ...
-    def put(self, local: Path, remote: str, *, timeout: float = DEFAULT_TIMEOUT) -> None: ...
-    def get(self, remote: str, local: Path, *, timeout: float = DEFAULT_TIMEOUT) -> None: ...
-    def close(self) -> None: ...
-
-
 class TransportBase:
-    """Helpers every transport gets from ``run``."""
+    """The one transport protocol: ``run``, ``put``, ``get``, ``close`` (serial, SSH), and the helpers
+    every transport gets from ``run``."""
 
     name = "base"
 
     def run(self, cmd: str, *args: str, timeout: float = DEFAULT_TIMEOUT) -> CommandResult:
         raise NotImplementedError
+
+    def put(self, local: Path, remote: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        raise NotImplementedError
+
+    def get(self, remote: str, local: Path, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Nothing to release by default."""
 
     def check_output(self, cmd: str, *args: str, timeout: float = DEFAULT_TIMEOUT) -> str:
         """stdout without its trailing newline; CommandFailed on a non-zero exit."""
@@ -86,12 +87,6 @@ class TransportBase:
             raise CommandFailed(result)
         return result.stdout.rstrip("\n")
 
-    def run_expect(self, statuses: list[int], cmd: str, *args: str,
-                   timeout: float = DEFAULT_TIMEOUT) -> CommandResult:
-        result = self.run(cmd, *args, timeout=timeout)
-        if result.exit_status not in statuses:
-            raise CommandFailed(result)
-        return result
 
 
 # Serial lines go through the tty's canonical mode: keep each one well under its
@@ -187,8 +182,7 @@ class SerialTransport(TransportBase):
         """One base64 block, verified; None if a kernel message corrupted it."""
         m = self.machine.expect(rf"\n{tok}-{stream} ([0-9a-f]{{32}})", timeout=max(0.1, deadline - time.monotonic()),
                                 what=f"output block {stream}")
-        assert self.machine.console is not None
-        before: str = self.machine.console.before
+        before = self.machine.before_match()
         b64 = "".join(ln.strip() for ln in before.splitlines() if _B64_LINE.match(ln.strip()))
         try:
             data = base64.b64decode(b64, validate=True)

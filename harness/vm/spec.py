@@ -78,7 +78,6 @@ class Ovmf:
 OVMF = {64: Ovmf(Path("/usr/share/OVMF/OVMF_CODE.fd"), Path("/usr/share/OVMF/OVMF_VARS.fd")),
         32: Ovmf(Path("/usr/share/OVMF/OVMF32_CODE_4M.secboot.fd"), Path("/usr/share/OVMF/OVMF32_VARS_4M.fd"),
                  smm=True, bits=32)}
-OVMF_CODE = {Arch.X86_64: OVMF[64].code, Arch.I386: OVMF[32].code}
 
 
 def ovmf_for(arch: Arch, firmware: Firmware) -> Ovmf | None:

@@ -18,10 +18,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness import matrix as mx
-from harness import paths
-from harness import report as rp
-from harness.errors import HarnessError, UsageError
+from harness.core import paths
+from harness.core.progress import PROGRESS_FILE, Event
+from harness.errors import HarnessError, UsageError, headline
+from harness.reports import matrix as mx
+from harness.reports import model as rp
+from harness.reports import render as report_render
 
 SCENARIOS = paths.builtin_dir("scenarios")  # the checkout's scenarios/, or those bundled in the package
 DEFAULT_MATRIX = SCENARIOS / "matrix.toml"
@@ -178,13 +180,13 @@ class _ProgressTail:
             except ValueError:
                 continue
             kind = ev.get("event")
-            if kind == "total":
+            if kind == Event.TOTAL:
                 self.bar.set_total(int(ev["n"]))
-            elif kind == "start":
+            elif kind == Event.START:
                 self.bar.started(ev["nodeid"])
-            elif kind == "done":
+            elif kind == Event.DONE:
                 self.bar.finished(ev["nodeid"], ev["outcome"], ev.get("seconds"))
-            elif kind == "end":
+            elif kind == Event.END:
                 self.report = ev.get("report")
 
 
@@ -211,7 +213,7 @@ def _stop(proc: subprocess.Popen[bytes], *, already_signalled: bool = False) -> 
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from harness.progress import CellProgress
+    from harness.core.progress import CellProgress
 
     _check_numprocesses(str(args.numprocesses))
     scenarios = scenario_dir(args)
@@ -230,7 +232,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(f"nestbed: report {title} -> {out} (pytest output: {out / 'pytest.log'})", file=sys.stderr)
     interrupted = False
     with open(out / "pytest.log", "wb") as log, CellProgress(title) as bar:
-        tail = _ProgressTail(out / "progress.jsonl", bar)
+        tail = _ProgressTail(out / PROGRESS_FILE, bar)
         # Same process group: Ctrl-C on the terminal reaches pytest too, which winds down cleanly.
         proc = subprocess.Popen(argv, cwd=scenarios.parent, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -277,7 +279,7 @@ def _print_outcome(doc: dict[str, Any], out: Path, wall: float) -> None:
     for c in doc["cells"]:
         if c["outcome"] in rp.BAD:
             logs = " ".join(str(out / p) if not os.path.isabs(p) else p for p in c["artifacts"]["serial_logs"])
-            reason = str(c.get("reason") or "").splitlines()[0][:160] if c.get("reason") else ""
+            reason = headline(str(c.get("reason") or ""))[:160]
             print(f"  {c['outcome'].upper():5} {c['nodeid']}: {reason}" + (f"\n        serial: {logs}" if logs else ""))
     print(f"nestbed: report: {out / 'index.html'}")
 
@@ -294,7 +296,7 @@ def cmd_report_merge(args: argparse.Namespace) -> int:
     if not docs:
         raise rp.ReportError("merge: no readable report among " + " ".join(args.reports))
     fleet = rp.merge(docs)
-    paths = rp.write_fleet(fleet, Path(args.output))
+    paths = report_render.write_fleet(fleet, Path(args.output))
     s = fleet["summary"]
     print(f"nestbed: merged {len(docs)} report(s): {len(fleet['hosts'])} host kind(s), {s['total']} cells "
           f"({s['fail'] + s['error']} failing)")

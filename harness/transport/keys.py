@@ -13,8 +13,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from harness import paths
-from harness.publish import publish, write_atomic
+from harness.core import paths
+from harness.core.publish import publish, write_atomic
 
 
 def _openssh_pair(comment: str) -> tuple[bytes, str]:

@@ -28,7 +28,7 @@ NESTED_ON = ("Y", "y", "1")  # /sys/module/kvm_intel/parameters/nested says Y/N,
 Opener = Callable[[str, int], int]
 
 
-def _read(path: str | Path) -> str | None:
+def read_file(path: str | Path) -> str | None:
     try:
         return Path(path).read_text().strip()
     except OSError:
@@ -71,7 +71,7 @@ def kvm_modules(sys_module: Path | None = None, *, root: str | Path = "/") -> li
 
 def kvm_nested(modules: Collection[str], *, root: str | Path = "/") -> dict[str, str | None]:
     """The ``nested`` parameter of each loaded vendor module (None: unreadable)."""
-    return {m: _read(_under(root, f"/sys/module/{m}/parameters/nested")) for m in VENDOR_MODULES if m in modules}
+    return {m: read_file(_under(root, f"/sys/module/{m}/parameters/nested")) for m in VENDOR_MODULES if m in modules}
 
 
 def nested_capable(nested: dict[str, str | None]) -> bool:
@@ -87,7 +87,7 @@ def _group_name(gid: int, root: str | Path) -> str:
             return grp.getgrgid(gid).gr_name
         except (ImportError, KeyError):
             return str(gid)
-    for line in (_read(_under(root, "/etc/group")) or "").splitlines():
+    for line in (read_file(_under(root, "/etc/group")) or "").splitlines():
         fields = line.split(":")
         if len(fields) >= 3 and fields[2] == str(gid):
             return fields[0]
@@ -139,8 +139,8 @@ def host_facts(root: str | Path = "/", *, opener: Opener = os.open, user_gids: C
         "hostname": platform.node(),
         "kernel": platform.release(),
         "machine": platform.machine(),
-        "boot_id": _read(_under(root, "/proc/sys/kernel/random/boot_id")),
-        "cpu": cpu_facts(_read(_under(root, "/proc/cpuinfo")) or ""),
+        "boot_id": read_file(_under(root, "/proc/sys/kernel/random/boot_id")),
+        "cpu": cpu_facts(read_file(_under(root, "/proc/cpuinfo")) or ""),
         "kvm": {**kvm_device(root, opener=opener, user_gids=user_gids), "modules": modules, "nested": nested,
                 "nested_capable": nested_capable(nested)},
         "qemu": {arch: qemu_version(f"qemu-system-{arch}") if qemu else None for arch in ("x86_64", "i386")},

@@ -1,7 +1,7 @@
 """Image recipes: one TOML file per image, validated strictly.
 
 Unknown keys, wrong types and bad values raise :class:`RecipeError` naming the file,
-the key and the reason.  A recipe is frozen data; building is :mod:`harness.images`.
+the key and the reason.  A recipe is frozen data; building is :mod:`harness.images.store`.
 
 Where recipes come from, first match wins: the directories in ``$NESTBED_IMAGES``
 (colon-separated), then those a pytest project names in its ini option ``nestbed_images``
@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness import paths
+from harness.core import paths
 from harness.errors import RecipeError, UsageError
-from harness.spec import Arch
+from harness.vm.spec import Arch
 
 MAX_BASE_DEPTH = 8
 

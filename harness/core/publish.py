@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from harness import paths
+from harness.core import paths
 from harness.errors import CacheError, HarnessError
 
 LOCK_TIMEOUT = 3600.0  # an image build may take many minutes; a waiter waits for it

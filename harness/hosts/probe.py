@@ -13,51 +13,48 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from harness import paths
-from harness.errors import HarnessError
-from harness.hostfacts import (
+from harness.core import paths
+from harness.core.publish import publish, write_atomic
+from harness.errors import HarnessError, headline
+from harness.hosts.hostfacts import (
     VENDOR_MODULES,
-    _read,
     cpu_facts,
     host_facts,
     kvm_device,
     kvm_modules,
     nested_capable,
     qemu_version,
+    read_file,
 )
-from harness.publish import publish, write_atomic
-from harness.spec import Accel, Arch
+from harness.images import store as images
+from harness.vm.spec import Accel, Arch
 
-__all__ = ["accel_verdict", "cache_key", "cpu_facts", "decide", "host_facts", "kvm_device", "kvm_hint", "kvm_modules",
+__all__ = ["cache_key", "cpu_facts", "decide", "host_facts", "kvm_device", "kvm_hint", "kvm_modules",
            "l1_nested", "nested_capable", "probe", "qemu_version"]
 
 PROBE_VERSION = 3  # bump when the verdict's shape or wording changes
 KVM_BOOT_DEADLINE = 15.0  # a tiny guest is ready in ~1 s under a working KVM
 
 
-def _kvm_boots(arch: Arch) -> tuple[bool, str]:
-    """Boot tiny-<arch> under KVM; (worked, what happened)."""
-    from harness.guest import BootOptions, boot
+KvmBoot = Callable[[Arch], tuple[bool, str]]
+"""Boots a standard guest of an arch under KVM; (worked, what happened).  The guest layer has one
+(:func:`harness.guest.kvm_boot`): the probe decides, the caller supplies the boot."""
 
-    started = time.monotonic()
-    try:
-        # No QMP: its asyncio loop is per thread, and the probe boots both arches at once.
-        with boot(f"tiny-{arch.value}", options=BootOptions(accel=Accel.KVM, ready_timeout=KVM_BOOT_DEADLINE),
-                  qmp=False) as g:
-            out = g.check_output("uname -m", timeout=KVM_BOOT_DEADLINE)
-        return True, f"a tiny {arch.value} guest booted under KVM in {time.monotonic() - started:.1f} s ({out})"
-    except HarnessError as exc:
-        detail = str(exc).splitlines()[0].removeprefix("level 1: ")
-        if not getattr(exc, "serial_tail", "x").strip():
-            detail += "; the guest printed nothing"
-        stderr = getattr(exc, "stderr_tail", "")
-        fatal = [ln for ln in stderr.splitlines() if "warning" not in ln]
-        if fatal:
-            detail += f" (QEMU: {fatal[0].strip()})"
-        return False, detail
+
+def kvm_boot_detail(exc: HarnessError) -> str:
+    """What a failed KVM boot showed, in one line (for the verdict's reason)."""
+    detail = headline(exc).removeprefix("level 1: ")
+    if not getattr(exc, "serial_tail", "x").strip():
+        detail += "; the guest printed nothing"
+    stderr = getattr(exc, "stderr_tail", "")
+    fatal = [ln for ln in stderr.splitlines() if "warning" not in ln]
+    if fatal:
+        detail += f" (QEMU: {fatal[0].strip()})"
+    return detail
 
 
 def _vendor_module(facts: dict[str, Any]) -> str | None:
@@ -158,7 +155,7 @@ def decide(facts: dict[str, Any], boot_results: dict[str, tuple[bool, str]]) -> 
 
 def cache_key() -> str:
     """This host boot and its installed QEMU binaries (an upgrade or a reboot re-probes)."""
-    key = [f"v{PROBE_VERSION}", _read("/proc/sys/kernel/random/boot_id") or "noboot"]
+    key = [f"v{PROBE_VERSION}", read_file("/proc/sys/kernel/random/boot_id") or "noboot"]
     for arch in Arch:
         exe = shutil.which(arch.qemu_binary)
         st = os.stat(exe) if exe else None
@@ -170,8 +167,11 @@ def _cache_path() -> Path:
     return paths.cache_root() / f"probe-{cache_key()}.json"
 
 
-def probe(*, refresh: bool = False) -> dict[str, Any]:
-    """Host facts plus ``accel``: arch → {"chosen", "reason"}.  Cached per host boot."""
+def probe(*, kvm_boot: KvmBoot, refresh: bool = False) -> dict[str, Any]:
+    """Host facts plus ``accel``: arch → {"chosen", "reason"}.  Cached per host boot.
+
+    Where /dev/kvm opens, *kvm_boot* boots a tiny guest of each arch under KVM: only a boot tells.
+    """
     cache = _cache_path()
     if not refresh and cache.is_file():
         try:
@@ -185,12 +185,10 @@ def probe(*, refresh: bool = False) -> dict[str, Any]:
         facts = host_facts()
         boots: dict[str, tuple[bool, str]] = {}
         if facts["kvm"]["openable"]:
-            from harness import images
-
             for arch in Arch:
                 images.build(f"tiny-{arch.value}")
             with concurrent.futures.ThreadPoolExecutor(len(Arch)) as pool:
-                futures = {arch.value: pool.submit(_kvm_boots, arch) for arch in Arch}
+                futures = {arch.value: pool.submit(kvm_boot, arch) for arch in Arch}
                 boots = {a: f.result() for a, f in futures.items()}
         computed.update({**facts, "accel": decide(facts, boots),
                          "probed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
@@ -202,7 +200,3 @@ def probe(*, refresh: bool = False) -> dict[str, Any]:
         return computed
     result: dict[str, Any] = json.loads(cache.read_text())
     return result
-
-def accel_verdict(arch: Arch) -> dict[str, str]:
-    verdict: dict[str, str] = probe()["accel"][arch.value]
-    return verdict

@@ -2,9 +2,9 @@
 
 The mechanism is QEMU's internal snapshots, driven by the HMP ``savevm``/``loadvm``
 commands sent through QMP's ``human-monitor-command`` (the qemu.qmp connection every
-:class:`~harness.machine.Machine` already has; no protocol code here):
+:class:`~harness.vm.machine.Machine` already has; no protocol code here):
 
-* :func:`take_reset_point` runs right after the guest printed its ready marker and
+* :meth:`Guest.take_reset_point <harness.guest.Guest.take_reset_point>` runs right after the guest printed its ready marker and
   *before* any SSH connection exists.  ``savevm`` stores the CPU, device and RAM state
   (RAM compresses well: pages never touched are zero pages) in the writable qcow2
   overlay that ``snapshot=on`` puts over the image's disk, so the cached image stays
@@ -12,7 +12,7 @@ commands sent through QMP's ``human-monitor-command`` (the qemu.qmp connection e
   image disks) are skipped by ``savevm``; an image with no disk at all (the tiny
   initramfs images) gets a small invisible qcow2 drive (``if=none``, no device, also
   ``snapshot=on``) only to hold the state: :func:`state_drive_args`.
-* :func:`reset_guest` closes any SSH connection (the guest's TCP state is about to go
+* :meth:`Guest.reset <harness.guest.Guest.reset>` closes any SSH connection (the guest's TCP state is about to go
   back to a moment before it existed: the old connection can only be reset by the
   guest), ``loadvm``s, types a fresh marker on the serial console, reconnects SSH if that
   was the guest's transport (while the shell answers the marker), then waits for the
@@ -35,25 +35,17 @@ import secrets
 import subprocess
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from harness import paths
-from harness.errors import CapabilityMissing, HarnessError, MachineStateError
-from harness.machine import QMP_TIMEOUT, Machine, Runstate
-from harness.publish import publish
-
-if TYPE_CHECKING:
-    from harness.guest import Guest
+from harness.core import paths
+from harness.core.publish import publish
+from harness.errors import CapabilityMissing, MachineStateError, ResetError
+from harness.vm.machine import QMP_TIMEOUT, Machine, Runstate
 
 RESET_TAG = "nestbed-ready"
 SNAPSHOT_TIMEOUT = 120.0  # an L2's savevm writes its RAM through two emulated disks
 RESYNC_TIMEOUT = 30.0
 STATE_DRIVE_ID = "nbvmstate"
 STATE_DRIVE_SIZE = "1M"  # the vmstate lives past the virtual size: the disk itself can be tiny
-
-
-class ResetError(HarnessError):
-    """A snapshot could not be taken or restored (QEMU's own message included)."""
 
 
 def hmp(machine: Machine, command: str, *, timeout: float) -> str:
@@ -65,7 +57,7 @@ def hmp(machine: Machine, command: str, *, timeout: float) -> str:
         out = machine.qmp.cmd("human-monitor-command", **{"command-line": command})
     except Exception as exc:  # qemu.qmp raises its own types (ExecuteError, asyncio timeouts, EOF)
         if machine.poll() is not None:
-            machine._raise_exited(f"during HMP {command!r}", cause=exc)
+            machine.raise_exited(f"during HMP {command!r}", cause=exc)
         raise ResetError(f"level {machine.level} {machine.spec.name}: HMP {command!r} failed: "
                          f"{type(exc).__name__}: {exc}") from exc
     finally:
@@ -145,44 +137,3 @@ def state_drive_args() -> tuple[str, ...]:
 
     publish(target, make, what="reset state drive", timeout=120)
     return ("-drive", f"if=none,id={STATE_DRIVE_ID},file={target},format=qcow2,snapshot=on")
-
-
-def take_reset_point(guest: Guest, *, timeout: float = SNAPSHOT_TIMEOUT) -> float:
-    """Snapshot *guest* now as the state :meth:`Guest.reset` returns to; seconds taken.
-
-    Call it before SSH connects (``boot()`` does, with ``BootOptions(reset=True)``): a
-    connection open at the snapshot would be dead after every reset.
-    """
-    if guest._ssh is not None:
-        raise MachineStateError(f"{guest.image.name}: take the reset point before SSH connects "
-                                "(boot with BootOptions(reset=True))")
-    seconds = save(guest.machine, RESET_TAG, timeout=timeout)
-    guest.reset_tag = RESET_TAG
-    return seconds
-
-
-def reset_guest(guest: Guest, *, timeout: float = SNAPSHOT_TIMEOUT) -> float:
-    """Return *guest* to its reset point; seconds until its transport answers again."""
-    if guest.reset_tag is None:
-        raise MachineStateError(f"{guest.image.name}: no reset point (boot with BootOptions(reset=True), "
-                                "or boot_guest(..., reset=True))")
-    started = time.monotonic()
-    over_ssh = guest._ssh is not None and guest.transport is guest._ssh
-    if guest._ssh is not None:
-        guest._ssh.close()
-        guest._ssh = None
-    guest._host = None  # testinfra's Host holds the old transport
-    guest.transport = guest.serial
-    phases = {"loadvm": load(guest.machine, guest.reset_tag, timeout=timeout)}
-    mark = time.monotonic()
-    # The shell answers the marker while SSH connects: the two waits overlap.
-    tok = resync_send(guest.machine)
-    if over_ssh:
-        guest.transport = guest.connect_ssh()
-        phases["ssh"] = time.monotonic() - mark
-    resync_wait(guest.machine, tok, timeout=min(timeout, RESYNC_TIMEOUT))  # ConsoleTimeout has the serial tail
-    phases["serial"] = time.monotonic() - mark
-    guest.serial.broken = None  # the shell a timed-out command wedged is back at its prompt
-    guest.resets += 1
-    guest.last_reset = phases
-    return time.monotonic() - started

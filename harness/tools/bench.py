@@ -10,6 +10,7 @@ kernel) is fetched into ``<cache>/bench/`` at bench time, never into the project
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import secrets
@@ -23,10 +24,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from harness import images, paths
+from harness.core import paths
+from harness.core.publish import publish, write_atomic
 from harness.errors import CapabilityMissing, HarnessError, UsageError
-from harness.publish import publish, write_atomic
-from harness.spec import Accel
+from harness.images import store as images
+from harness.vm.spec import Accel
 
 # Benchmarks run commands from here: the built-in scenarios' parent (the checkout, or the installed package).
 SCENARIO_ROOT = paths.builtin_dir("scenarios").parent
@@ -113,7 +115,7 @@ def bench_tiny_i386(runs: int) -> dict[str, Any]:
 def bench_debian_ssh(runs: int) -> dict[str, Any]:
     """debian-x86_64 with 2 vCPUs under TCG: launch to ready marker, to SSH, and the detection lag."""
     from harness.guest import BootOptions, boot
-    from harness.spec import Accel
+    from harness.vm.spec import Accel
 
     images.build("debian-x86_64")
     ready, ssh, lag = [], [], []
@@ -179,7 +181,7 @@ def _reset_vs_reboot(runs: int, boot_cm: Callable[..., Any], what: str, accel: A
     opts = BootOptions(accel=accel, vcpus=2)
     loadvm, ssh = [], []
 
-    with boot_cm(BootOptions(**{**opts.__dict__, "reset": True})) as g:
+    with boot_cm(dataclasses.replace(opts, reset=True)) as g:
         def reboot() -> float:
             started = time.monotonic()
             with boot_cm(opts) as fresh:
@@ -193,7 +195,7 @@ def _reset_vs_reboot(runs: int, boot_cm: Callable[..., Any], what: str, accel: A
             g.check_output("test ! -e /root/nestbed-bench")
             elapsed = time.monotonic() - started
             loadvm.append(g.last_reset["loadvm"])
-            # The serial resync overlaps the SSH handshake (harness.reset): SSH is the phase that counts.
+            # The serial resync overlaps the SSH handshake (harness.vm.snapshot): SSH is the phase that counts.
             ssh.append(g.last_reset.get("ssh", 0.0))
             return elapsed
 
@@ -286,8 +288,6 @@ def bench_hops(runs: int) -> dict[str, Any]:
     """Each hop of a chain through harness.diskfmt vs a bare `qemu-img convert` of the same input."""
     from harness import diskfmt
 
-    if not hasattr(diskfmt, "bench_hops"):  # written by the disk-format work; older trees lack it
-        raise CapabilityMissing("bench hops", "harness.diskfmt.bench_hops is missing from this tree")
     result: dict[str, Any] = diskfmt.bench_hops(_hops_source(), HOPS_CHAIN, runs=runs)
     result["what"] = (f"a {HOPS_SOURCE_MB} MiB raw ext4 image ({HOPS_FILL_MB} MiB of data) through {HOPS_CHAIN}: "
                       "each hop's conversion by harness.diskfmt.convert vs bare `qemu-img convert` (same arguments), "
@@ -411,7 +411,7 @@ def bench_virtme_ng(runs: int) -> dict[str, Any]:
     result["what"] = (f"boot Debian's generic kernel {release} and run `uname -r`, whole process: virtme-ng "
                       f"{VNG_VERSION} (`vng --disable-kvm --force-9p --run`, host root over 9p) vs `nestbed run "
                       "tiny-x86_64 --kernel` (busybox initramfs; nestbed boots the bzImage's PVH ELF, decompressed "
-                      "once and cached: harness/vmlinux.py); vng's exit status is 255 with this kernel "
+                      "once and cached: harness/vm/vmlinux.py); vng's exit status is 255 with this kernel "
                       "(virtio_console is a module, so its status channel is missing: 'console fallback'): success "
                       "= the release printed on a line of its own; vng runs with -v to show it")
     return result
@@ -431,7 +431,7 @@ def run_all(runs: int = 7, only: list[str] | None = None, slow: bool = False) ->
     if runs < 5:
         raise UsageError(f"bench: --runs {runs}: at least 5 runs are needed for a median worth reporting")
     names = select(only, slow=slow)
-    from harness.probe import host_facts
+    from harness.hosts.probe import host_facts
 
     facts = host_facts()
     results: dict[str, Any] = {

@@ -1,0 +1,1 @@
+"""Hosts: facts about the machine, and the accelerator probe."""

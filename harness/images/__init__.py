@@ -1,0 +1,1 @@
+"""Images: recipes, their builders (tiny, debian), the image store, firmware boot disks."""

@@ -1,0 +1,1 @@
+"""Reports: the scenario matrix, the report model (build, merge, diff), rendering, the report CLI."""

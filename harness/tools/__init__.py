@@ -1,0 +1,1 @@
+"""Tools over the scenarios: benchmarks and soaks."""
