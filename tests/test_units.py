@@ -358,3 +358,13 @@ def test_hung_task_report_is_recognised() -> None:
     line = "[  242.929227] INFO: task swapper/0:1 blocked for more than 120 seconds."
     assert re.search(HUNG_TASK_RE, line)
     assert not re.search(HUNG_TASK_RE, "[    1.0] INFO: task queued")
+
+
+def test_the_recipe_settings_table_and_the_recipe_fields_agree() -> None:
+    import dataclasses
+
+    from harness.images.recipes import SETTINGS, Recipe
+
+    fields = {f.name for f in dataclasses.fields(Recipe)} - {"name", "file"}
+    assert set(SETTINGS) - {"base"} == fields
+    assert all(s.help for s in SETTINGS.values())

@@ -44,6 +44,11 @@ def cache_root() -> Path:
     return private_dir(root)
 
 
+def safe_name(text: str) -> str:
+    """*text* as one file name: letters, digits, ``-_.`` kept, everything else ``_`` (test ids, host names)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
 def private_dir(path: Path) -> Path:
     """Create *path* (and parents) and make it 0700."""
     path.mkdir(parents=True, exist_ok=True)

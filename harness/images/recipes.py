@@ -21,6 +21,7 @@ import os
 import re
 import tomllib
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,26 +82,6 @@ class Recipe:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-# key -> (type, required)
-_SCHEMA: dict[str, tuple[type | tuple[type, ...], bool]] = {
-    "base": (str, False),
-    "kind": (str, True),
-    "arch": (str, True),
-    "kernel": (str, True),
-    "description": (str, False),
-    "suite": (str, False),
-    "extra_suites": (list, False),
-    "packages": (list, False),
-    "init": (str, False),
-    "disk_size": (str, False),
-    "memory_mb": (int, False),
-    "vcpus": (int, False),
-    "files": (dict, False),
-    "services": (list, False),
-    "ready_timeout": ((int, float), False),
-}
-
-
 def _enum(file: str, key: str, value: str, cls: type[enum.StrEnum]) -> Any:
     try:
         return cls(value)
@@ -116,6 +97,80 @@ def _str_list(file: str, key: str, value: list[Any], pattern: re.Pattern[str] | 
         if pattern is not None and not pattern.match(item):
             raise RecipeError(file, key, f"{item!r} is not a valid name")
     return tuple(value)
+
+
+def _matching(pattern: re.Pattern[str], what: str) -> Check:
+    def check(file: str, key: str, value: str) -> str:
+        if not pattern.match(value):
+            raise RecipeError(file, key, f"{value!r} is not {what}")
+        return value
+    return check
+
+
+def _within(lo: int, hi: int) -> Check:
+    def check(file: str, key: str, value: int) -> int:
+        if not lo <= value <= hi:
+            raise RecipeError(file, key, f"{value} is outside {lo}..{hi}")
+        return value
+    return check
+
+
+def _seconds(file: str, key: str, value: float) -> float:
+    # "not 0 < x <= max" also refuses nan; inf would make a hung boot wait forever.
+    if not 0 < value <= MAX_READY_TIMEOUT:
+        raise RecipeError(file, key, f"must be a number of seconds in (0, {MAX_READY_TIMEOUT:g}], not {value}")
+    return float(value)
+
+
+def _files(file: str, key: str, value: dict[str, Any]) -> dict[str, str]:
+    for dest, content in value.items():
+        if not dest.startswith("/") or dest.endswith("/") or ".." in dest.split("/"):
+            raise RecipeError(file, f"{key}.{dest}", "path must be absolute without '..' and name a file")
+        if not isinstance(content, str):
+            raise RecipeError(file, f"{key}.{dest}", f"content must be a string, got {type(content).__name__}")
+    return dict(value)
+
+
+def _names(pattern: re.Pattern[str]) -> Check:
+    return lambda file, key, value: _str_list(file, key, value, pattern)
+
+
+def _one_of(cls: type[enum.StrEnum]) -> Check:
+    return lambda file, key, value: _enum(file, key, value, cls)
+
+
+Check = Callable[[str, str, Any], Any]  # (file, key, value) -> the parsed value; RecipeError when it is bad
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One recipe key: its TOML type, whether it must be there, how it is checked, what it means."""
+
+    type: type | tuple[type, ...]
+    check: Check
+    help: str
+    required: bool = False
+
+
+# Every key a recipe may have, once: the parser, the validator and `Recipe`'s fields follow this table
+# (`base` is resolved before the rest: see _with_base).
+SETTINGS: dict[str, Setting] = {
+    "base": Setting(str, lambda f, k, v: v, "a recipe whose settings this one starts from"),
+    "kind": Setting(str, _one_of(Kind), "what builds it: tiny or debian", required=True),
+    "arch": Setting(str, _one_of(Arch), "x86_64 or i386", required=True),
+    "kernel": Setting(str, _matching(_PKG_RE, "a valid package name"), "the kernel's Debian package", required=True),
+    "description": Setting(str, lambda f, k, v: v, "one line for `nestbed images list`"),
+    "suite": Setting(str, _matching(_SUITE_RE, "a Debian suite name"), "the Debian suite (default bookworm)"),
+    "extra_suites": Setting(list, _names(re.compile(r"^[a-z]+$")), "suffixes of further suites (default updates)"),
+    "packages": Setting(list, _names(_PKG_RE), "more Debian packages"),
+    "init": Setting(str, _one_of(InitMode), "fast (nestbed's init) or systemd"),
+    "disk_size": Setting(str, _matching(_SIZE_RE, "a size like 2G or 512M"), "the root disk's size"),
+    "memory_mb": Setting(int, _within(64, 65536), "guest memory in MiB"),
+    "vcpus": Setting(int, _within(1, 64), "guest vCPUs"),
+    "files": Setting(dict, _files, "absolute path -> text content, written into the image"),
+    "services": Setting(list, _names(re.compile(r"^[a-zA-Z0-9@._\-]+$")), "systemd units to enable"),
+    "ready_timeout": Setting((int, float), _seconds, "seconds until the guest must be ready"),
+}
 
 
 ADDITIVE = ("packages", "services")  # a recipe with a base adds to these (and to files)
@@ -167,60 +222,20 @@ def parse_recipe(path: Path, *, _chain: tuple[Path, ...] = ()) -> Recipe:
     if "base" in raw:
         raw = _with_base(path, raw, _chain)
     for key in raw:
-        if key not in _SCHEMA:
-            raise RecipeError(f, key, f"unknown key (known: {', '.join(sorted(_SCHEMA))})")
-    for key, (typ, required) in _SCHEMA.items():
+        if key not in SETTINGS:
+            raise RecipeError(f, key, f"unknown key (known: {', '.join(sorted(SETTINGS))})")
+    kw: dict[str, Any] = {"name": path.stem, "file": path}
+    for key, setting in SETTINGS.items():
         if key not in raw:
-            if required:
+            if setting.required:
                 raise RecipeError(f, key, "required key is missing")
             continue
         value = raw[key]
-        if isinstance(value, bool) or not isinstance(value, typ):
-            want = typ.__name__ if isinstance(typ, type) else "number"
+        if isinstance(value, bool) or not isinstance(value, setting.type):
+            want = setting.type.__name__ if isinstance(setting.type, type) else "number"
             raise RecipeError(f, key, f"must be {want}, got {type(value).__name__} {value!r}")
-    kw: dict[str, Any] = {"name": path.stem, "file": path}
-    kw["kind"] = _enum(f, "kind", raw["kind"], Kind)
-    kw["arch"] = _enum(f, "arch", raw["arch"], Arch)
-    if not _PKG_RE.match(raw["kernel"]):
-        raise RecipeError(f, "kernel", f"{raw['kernel']!r} is not a valid package name")
-    kw["kernel"] = raw["kernel"]
-    for key in ("description",):
-        if key in raw:
-            kw[key] = raw[key]
-    if "suite" in raw:
-        if not _SUITE_RE.match(raw["suite"]):
-            raise RecipeError(f, "suite", f"{raw['suite']!r} is not a Debian suite name")
-        kw["suite"] = raw["suite"]
-    if "extra_suites" in raw:
-        kw["extra_suites"] = _str_list(f, "extra_suites", raw["extra_suites"], re.compile(r"^[a-z]+$"))
-    if "packages" in raw:
-        kw["packages"] = _str_list(f, "packages", raw["packages"], _PKG_RE)
-    if "services" in raw:
-        kw["services"] = _str_list(f, "services", raw["services"], re.compile(r"^[a-zA-Z0-9@._\-]+$"))
-    if "init" in raw:
-        kw["init"] = _enum(f, "init", raw["init"], InitMode)
-    if "disk_size" in raw:
-        if not _SIZE_RE.match(raw["disk_size"]):
-            raise RecipeError(f, "disk_size", f"{raw['disk_size']!r} is not a size like 2G or 512M")
-        kw["disk_size"] = raw["disk_size"]
-    for key, lo, hi in (("memory_mb", 64, 65536), ("vcpus", 1, 64)):
-        if key in raw:
-            if not lo <= raw[key] <= hi:
-                raise RecipeError(f, key, f"{raw[key]} is outside {lo}..{hi}")
-            kw[key] = raw[key]
-    if "ready_timeout" in raw:
-        # "not 0 < x <= max" also refuses nan; inf would make a hung boot wait forever.
-        if not 0 < raw["ready_timeout"] <= MAX_READY_TIMEOUT:
-            raise RecipeError(f, "ready_timeout", f"must be a number of seconds in (0, {MAX_READY_TIMEOUT:g}], "
-                                                  f"not {raw['ready_timeout']}")
-        kw["ready_timeout"] = float(raw["ready_timeout"])
-    if "files" in raw:
-        for dest, content in raw["files"].items():
-            if not dest.startswith("/") or dest.endswith("/") or ".." in dest.split("/"):
-                raise RecipeError(f, f"files.{dest}", "path must be absolute without '..' and name a file")
-            if not isinstance(content, str):
-                raise RecipeError(f, f"files.{dest}", f"content must be a string, got {type(content).__name__}")
-        kw["files"] = dict(raw["files"])
+        if key != "base":
+            kw[key] = setting.check(f, key, value)
     return Recipe(**kw)
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.core.paths import safe_name
 from harness.errors import UsageError, headline
 
 SCHEMA_VERSION = 1
@@ -46,7 +47,7 @@ def iso(t: float | None = None) -> str:
 
 def default_report_dir(base: Path, host: str | None = None, t: float | None = None) -> Path:
     """``<base>/<UTC timestamp>-<host>``."""
-    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in (host or socket.gethostname()))
+    name = safe_name(host or socket.gethostname())
     return base / f"{utc_stamp(t)}-{name}"
 
 

@@ -32,12 +32,12 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-import subprocess
 import time
 from pathlib import Path
 
 from harness.core import paths
 from harness.core.publish import publish
+from harness.core.run import run
 from harness.errors import CapabilityMissing, MachineStateError, ResetError
 from harness.vm.machine import QMP_TIMEOUT, Machine, Runstate
 
@@ -129,11 +129,8 @@ def state_drive_args() -> tuple[str, ...]:
     target = paths.cache_root() / "vmstate-empty.qcow2"
 
     def make(tmp: Path) -> None:
-        try:
-            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp), STATE_DRIVE_SIZE],
-                           check=True, capture_output=True, timeout=30)
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise ResetError(f"cannot create the reset state drive {target}: {exc}") from exc
+        run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp), STATE_DRIVE_SIZE], timeout=30,
+            what=f"the reset state drive {target}", error=ResetError)
 
     publish(target, make, what="reset state drive", timeout=120)
     return ("-drive", f"if=none,id={STATE_DRIVE_ID},file={target},format=qcow2,snapshot=on")
