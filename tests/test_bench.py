@@ -1,7 +1,10 @@
-"""nestbed bench: selection and rendering (pure; no benchmark runs here)."""
+"""nestbed bench: selection and rendering (pure; no benchmark runs here), and the shape of
+measure_hops on one small image (qemu-img only, no guests)."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -45,3 +48,24 @@ def test_hops_result_renders_one_row_per_hop() -> None:
                                                "target": 1.05, "meets_target": True}))
     assert "hops: raw -> vmdk" in text and "hops: vmdk -> raw" in text
     assert "bare 1.00 s, ratio 1.020" in text
+
+
+HOP_KEYS = {"hop", "from", "bare", "nestbed", "ratio", "ratio_of", "meets_target", "bare_cpu", "nestbed_cpu",
+            "cpu_ratio", "verify"}
+
+
+def test_measure_hops_shape(tmp_path: Path) -> None:
+    source = tmp_path / "small.raw"
+    source.write_bytes(os.urandom(1 << 20))
+    os.truncate(source, 8 << 20)
+    r = bench.measure_hops(source, "vmdk,raw", runs=5, workdir=tmp_path)
+    assert [h["hop"] for h in r["hops"]] == ["vmdk", "raw"] and r["runs"] == 5 and r["target"] == 1.05
+    assert set(r) == {"source", "source_format", "virtual_size", "runs", "target", "hops", "meets_target"}
+    for h in r["hops"]:
+        assert set(h) == HOP_KEYS and h["ratio_of"] == "nestbed/bare"
+        assert len(h["bare"]["samples"]) == len(h["nestbed"]["samples"]) == len(h["verify"]["samples"]) == 5
+        assert h["ratio"] == round(h["nestbed"]["median"] / h["bare"]["median"], 3)
+        assert h["meets_target"] == (h["ratio"] <= 1.05)
+    assert "hops: raw -> vmdk" in bench.render_text(_results("hops", r))
+    with pytest.raises(UsageError, match="at least 5"):
+        bench.measure_hops(source, "raw", runs=3)

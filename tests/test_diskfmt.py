@@ -314,17 +314,3 @@ def test_seed_and_read_back_a_manifest_without_mounting(tmp_path: Path) -> None:
     with pytest.raises(DiskFormatError, match="missing \\['hop01-raw.bin'\\]"):
         diskfmt.verify_final(fs, DiskFormat.RAW, "/nestbed-roundtrip-test", {**files, "hop01-raw.bin": "0" * 64},
                              tmp_path, lambda _m: None)
-
-
-def test_bench_hops_shape(tmp_path: Path) -> None:
-    source = tmp_path / "small.raw"
-    source.write_bytes(os.urandom(1 << 20))
-    os.truncate(source, 8 << 20)
-    r = diskfmt.bench_hops(source, "vmdk,raw", runs=5, workdir=tmp_path)
-    assert [h["hop"] for h in r["hops"]] == ["vmdk", "raw"] and r["runs"] == 5 and r["target"] == 1.05
-    for h in r["hops"]:
-        assert len(h["bare"]["samples"]) == len(h["nestbed"]["samples"]) == 5
-        assert h["ratio"] == round(h["nestbed"]["median"] / h["bare"]["median"], 3)
-        assert h["meets_target"] == (h["ratio"] <= 1.05)
-    with pytest.raises(UsageError, match="at least 5"):
-        diskfmt.bench_hops(source, "raw", runs=3)

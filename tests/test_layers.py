@@ -161,3 +161,11 @@ def test_no_module_touches_another_modules_private_names(path: Path) -> None:
             if owner not in ("self", "cls") and owner.split(".")[0] not in ("sys", "os", "type(self)"):
                 found.append(f"{path.relative_to(ROOT.parent)}:{node.lineno}: {owner}.{node.attr}")
     assert not found, "\n".join(found)
+
+
+def test_every_package_ships_in_the_wheel() -> None:
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    packages = {module_name(p) for p in ROOT.rglob("__init__.py")}
+    assert packages <= listed, f"add to pyproject.toml's packages: {sorted(packages - listed)}"

@@ -294,6 +294,49 @@ def test_merge_two_hosts_and_shards_of_one(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
 
 
+EVIL = "<script>alert(\"x&y\")</script>'q' & <b>bold</b>"
+
+
+class _Page(html.parser.HTMLParser):
+    """Every element, attribute value and text of a page, as a browser would read them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[str] = []
+        self.attrs: dict[str, list[str]] = {}
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append(tag)
+        for k, v in attrs:
+            self.attrs.setdefault(k, []).append(v or "")
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+def test_hostile_strings_are_escaped_in_report_and_fleet_pages() -> None:
+    """A node id, reason or host name with markup, quotes and ``&`` in it is text on the page, never markup."""
+    nodeid, reason = f"s/evil.py::t[{EVIL}]", f"boom {EVIL}"
+    doc = _doc({**HOST, "hostname": f"ci {EVIL}", "cpu": {**HOST["cpu"], "model": f"EPYC {EVIL}"}},
+               {nodeid: "fail", CELLS[0]: "pass"}, "evil", T1, reasons={nodeid: reason})
+    doc["deselected"] = [{"nodeid": f"{nodeid}-2", "reason": f"matrix exclude[0]: {EVIL}"}]
+    pages = {"report": report_render.report_html(doc), "fleet": report_render.fleet_html(rp.merge([doc]))}
+    parsed_pages = {name: _Page() for name in pages}
+    for name, page in pages.items():
+        parsed = parsed_pages[name]
+        parsed.feed(page)
+        assert parsed.tags.count("script") == 1 and page.count("<script>") == 1, name  # only the page's own script
+        assert "<b>bold</b>" not in page and '"x&y"' not in page and "'q'" not in page, name
+        assert "&lt;script&gt;alert(" in page and "x&amp;y" in page and "&lt;b&gt;bold&lt;/b&gt;" in page, name
+        assert nodeid in parsed.attrs["data-nodeid"], name  # the attribute holds the whole value, quotes and all
+        assert any(EVIL in t for t in parsed.attrs["title"]), name
+        assert any(f"EPYC {EVIL}" in t for t in parsed.text), name
+    report_text = "".join(parsed_pages["report"].text)
+    for text in (nodeid, reason, f"ci {EVIL}", f"matrix exclude[0]: {EVIL}"):
+        assert text in report_text, text
+
+
 def test_diff_finds_a_planted_regression_and_exits_1(tmp_path: Path) -> None:
     old = _write(tmp_path / "old", _doc(HOST, {CELLS[0]: "pass", CELLS[1]: "fail", CELLS[2]: "pass"}, "old",
                                         "2026-11-24T02:00:00Z"))

@@ -118,7 +118,7 @@ def _corrupting_convert(monkeypatch: pytest.MonkeyPatch, victim: str, offset: in
             _flip(dst, offset)
         return seconds
 
-    monkeypatch.setattr(diskfmt, "convert", convert)
+    monkeypatch.setattr(diskfmt.hops, "convert", convert)  # where the chain looks it up
 
 
 @pytest.mark.parametrize(("victim", "message"), [
@@ -271,7 +271,7 @@ StandIn = Callable[[Path, DiskFormat, int, str, dict[str, str], bool, Path], Gue
 
 def _stand_in_guest(monkeypatch: pytest.MonkeyPatch, act: StandIn) -> list[dict[str, Any]]:
     """run_chain's boot=... path with *act* in place of a booted guest (nothing boots)."""
-    monkeypatch.setattr(diskfmt, "_boot_image", lambda name: SimpleNamespace(manifest={"rootfs_uuid": None}))
+    monkeypatch.setattr(diskfmt.chain, "_boot_image", lambda name: SimpleNamespace(manifest={"rootfs_uuid": None}))
     calls: list[dict[str, Any]] = []
 
     def guest_hop(image: str, disk: Path, fmt: DiskFormat, *, index: int, directory: str, expected: dict[str, str],
@@ -279,7 +279,7 @@ def _stand_in_guest(monkeypatch: pytest.MonkeyPatch, act: StandIn) -> list[dict[
         calls.append({"disk": disk.name, "writable": writable, "expected": dict(expected)})
         return act(disk, fmt, index, directory, dict(expected), writable, disk.parent)
 
-    monkeypatch.setattr(diskfmt, "_guest_hop", guest_hop)
+    monkeypatch.setattr(diskfmt.verify, "guest_hop", guest_hop)  # where the chain looks it up
     return calls
 
 
@@ -292,7 +292,7 @@ def _debugfs_write(raw: Path, directory: str, files: dict[str, bytes], work: Pat
         tmp.write_bytes(data)
         cmds += [f"rm {directory}/{name}"] if name in existing else []
         cmds.append(f'write "{tmp}" {directory}/{name}')
-    diskfmt._debugfs(raw, cmds, write=True)
+    diskfmt.debugfs(raw, cmds, write=True)
 
 
 def _writer(*, lose: str | None = None) -> StandIn:
@@ -335,7 +335,7 @@ def test_a_guest_write_that_changed_nothing_is_refused_at_its_hop(ext4_src: Path
     _stand_in_guest(monkeypatch, _writer(lose="everything"))
     with pytest.raises(DiskFormatError) as exc:
         diskfmt.run_chain(ext4_src, parse_chain("raw"), tmp_path / "hops", boot="stand-in")
-    seeded = diskfmt._raw_reader(tmp_path / "hops" / "seeded.raw", ext4_src.stat().st_size)
+    seeded = diskfmt.raw_reader(tmp_path / "hops" / "seeded.raw", ext4_src.stat().st_size)
     assert str(exc.value) == (f"hop 1 (raw): the guest wrote hop01-raw.bin but hop1.raw's data did not change "
                               f"(sha256 still {seeded[:16]}): the write was lost")
 

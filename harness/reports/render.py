@@ -1,83 +1,30 @@
 """Rendering of reports: a self-contained ``index.html`` (no network) and a GitHub-sized ``summary.md``.
 
-Pure functions of the report/fleet documents built by :mod:`harness.reports.model`.
+Pure functions of the report/fleet documents built by :mod:`harness.reports.model`.  The HTML pages are
+Jinja2 templates (``templates/*.html.j2``, autoescaped) fed plain dicts and lists that the functions here
+prepare; the Markdown is written directly.
 """
 
 from __future__ import annotations
 
-import html
 import json
 from collections.abc import Iterable, Mapping, Sequence
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harness.core.publish import write_atomic
 from harness.errors import headline
 from harness.reports.model import BAD, OUTCOMES, host_key
 from harness.reports.model import scenario_of as rp_scenario
 
+if TYPE_CHECKING:
+    import jinja2
+
 LABEL = {"pass": "pass", "fail": "FAIL", "error": "ERROR", "skip": "skip", "xfail": "xfail", "xpass": "XPASS"}
 ICON = {"pass": "✅", "fail": "❌", "error": "💥", "skip": "⏭️", "xfail": "⚠️", "xpass": "❗"}
 LEVEL_COLOUR = {1: "#1976d2", 2: "#7b1fa2", 3: "#ef6c00"}
 MD_ROW_LIMIT = 400  # GitHub job summaries are capped at 1 MiB; keep well below
-
-CSS = """
-body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:1.5em;color:#222;background:#fff}
-h1{font-size:1.4em;margin:0 0 .2em} h2{font-size:1.15em;margin:1.6em 0 .5em;border-bottom:1px solid #ddd}
-.sub{color:#555;margin-bottom:1em}
-table{border-collapse:collapse} th,td{border:1px solid #ccc;padding:3px 6px;vertical-align:top}
-th{background:#f5f5f5;text-align:left;font-weight:600}
-table.grid td.box{padding:2px;min-width:6em}
-table.grid a.chip{display:block;text-align:center;font-weight:600;color:inherit;text-decoration:none;padding:2px 4px;
-  margin:1px 0;border-radius:3px}
-table.grid a.chip i{display:block;font-style:normal;font-weight:400;font-family:ui-monospace,monospace;font-size:11px;
-  overflow-wrap:anywhere;max-width:16em;margin:0 auto}
-table.grid a.chip small,table.grid td.cell small{display:block;font-weight:400;color:#444}
-table.grid td.cell{text-align:center;min-width:5.5em;font-weight:600}
-table.grid td.na{background:repeating-linear-gradient(45deg,#fafafa,#fafafa 4px,#f0f0f0 4px,#f0f0f0 8px)}
-table.grid th.col{font-weight:600;font-size:12px;white-space:nowrap}
-table.grid th.scenario{font-weight:600;font-size:12px;font-family:ui-monospace,monospace;max-width:30em;
-  overflow-wrap:anywhere}
-table.grid th.scenario small{display:block;font-weight:400;color:#666}
-table.fleet th.col{font-family:ui-monospace,monospace;font-weight:500;white-space:normal;overflow-wrap:anywhere;max-width:10em}
-table.fleet th.scenario{max-width:none;min-width:9em;text-align:center}
-table.fleet tbody th{min-width:16em;font-weight:400}
-.o-pass{background:#c8e6c9}.o-fail{background:#ffcdd2}.o-error{background:#ef9a9a}.o-skip{background:#eceff1;color:#555}
-.o-xfail{background:#ffe0b2}.o-xpass{background:#e1bee7}
-.legend span{display:inline-block;padding:2px 8px;margin-right:6px;border:1px solid #ccc;border-radius:3px;cursor:pointer}
-.legend span.off{opacity:.35}
-.counts b{margin-right:.8em}
-details.cell{border:1px solid #ddd;border-left-width:6px;margin:4px 0;padding:2px 8px}
-details.cell.o-pass{border-left-color:#43a047;background:#fff}details.cell.o-fail,details.cell.o-error{border-left-color:#e53935}
-details.cell.o-skip{border-left-color:#90a4ae;background:#fff}details.cell.o-xfail{border-left-color:#fb8c00;background:#fff}
-details.cell.o-xpass{border-left-color:#8e24aa;background:#fff}
-details.cell summary{cursor:pointer;font-family:ui-monospace,monospace;font-size:13px}
-details.cell:target{outline:3px solid #1976d2}
-pre{background:#263238;color:#eceff1;padding:8px;overflow:auto;max-height:28em;font-size:12px}
-code,.mono{font-family:ui-monospace,monospace;font-size:12px}
-.kv td:first-child{font-family:ui-monospace,monospace;color:#333;white-space:nowrap}
-.hidden{display:none}
-svg text{font:11px system-ui,sans-serif}
-"""
-
-# Legend toggles: click an outcome to hide/show it in the grid and the details (no network, no libraries).
-JS = """
-(function(){
-  document.querySelectorAll('.legend span[data-o]').forEach(function(el){
-    el.addEventListener('click',function(){
-      el.classList.toggle('off');
-      var o=el.getAttribute('data-o'), off=el.classList.contains('off');
-      document.querySelectorAll('details.cell.o-'+o).forEach(function(d){d.classList.toggle('hidden',off)});
-      document.querySelectorAll('.chip.o-'+o+',td.cell.o-'+o).forEach(function(el){el.style.opacity=off?'0.15':''});
-    });
-  });
-  document.body.setAttribute('data-ready','1');
-})();
-"""
-
-
-def esc(value: Any) -> str:
-    return html.escape("" if value is None else str(value), quote=True)
 
 
 def fmt_seconds(s: float | None) -> str:
@@ -93,11 +40,28 @@ def _workers(run: Mapping[str, Any]) -> str:
     return f"{run['workers']} xdist worker(s)" if run.get("workers") else "one process"
 
 
-def _page(title: str, body: str) -> str:
-    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">"
-            f"<title>{esc(title)}</title><style>{CSS}</style></head>\n<body>\n{body}\n"
-            f"<script>{JS}</script>\n</body></html>\n")
+# --- HTML: Jinja2 templates (templates/*.html.j2) fed plain dicts and lists ----------------------
+#
+# The templates hold the markup and escape every value (autoescape); the functions below do the rest:
+# sorting, grouping, labels, truncation, number formatting.  jinja2 is imported only when a page is
+# rendered: the CLI's matrix command runs on the standard library alone (python3 -S).
+
+@cache
+def _templates() -> jinja2.Environment:
+    import jinja2
+
+    return jinja2.Environment(loader=jinja2.PackageLoader("harness.reports", "templates"), autoescape=True,
+                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                              keep_trailing_newline=True)
+
+
+def _render(template: str, context: Mapping[str, Any]) -> str:
+    return _templates().get_template(template).render(context)
+
+
+def _text(value: Any) -> str:
+    """What a page shows for a value: nothing for a missing one."""
+    return "" if value is None else str(value)
 
 
 def _flatten(data: Any, prefix: str = "") -> list[tuple[str, str]]:
@@ -118,16 +82,10 @@ def _flatten(data: Any, prefix: str = "") -> list[tuple[str, str]]:
     return rows
 
 
-def _kv_table(data: Any, cls: str = "kv") -> str:
-    rows = "".join(f"<tr><td>{esc(k)}</td><td>{esc(v)}</td></tr>" for k, v in _flatten(data))
-    return f"<table class=\"{cls}\">{rows}</table>" if rows else "<p>-</p>"
-
-
-def _counts_html(summary: Mapping[str, int]) -> str:
-    parts = [f"<b>{summary.get('total', 0)} cells</b>"]
-    parts += [f"<span class=\"o-{o}\" data-o=\"{o}\">{LABEL[o]} {summary.get(o, 0)}</span>"
-              for o in OUTCOMES if summary.get(o)]
-    return f"<p class=\"counts legend\">{' '.join(parts)}</p>"
+def _counts(summary: Mapping[str, int]) -> dict[str, Any]:
+    """The counts line (and legend): the total, then every outcome that occurred."""
+    return {"total": summary.get("total", 0),
+            "outcomes": [{"outcome": o, "label": LABEL[o], "n": summary[o]} for o in OUTCOMES if summary.get(o)]}
 
 
 def _cell_title(c: Mapping[str, Any]) -> str:
@@ -184,81 +142,57 @@ def _columns(cells: Iterable[Mapping[str, Any]]) -> tuple[list[str], list[tuple[
     return scenarios, sorted(cols, key=_column_order)
 
 
-def grid_html(cells: Sequence[Mapping[str, Any]]) -> str:
-    """Scenarios (rows) x configurations (columns: arch · level · transport); one coloured chip per cell.
+def _scenario_head(scenario: str) -> dict[str, str]:
+    """A scenario's header: its module (shown small) and its function."""
+    module, _, func = scenario.rpartition("::")
+    return {"scenario": scenario, "module": module, "func": func or scenario}
+
+
+def grid(cells: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """Scenarios (rows) x configurations (columns: arch · level · transport); one chip per cell; None without cells.
 
     A box holds several chips when a scenario has more cells in one configuration (``vcpus=1``,
     ``vcpus=2``); every chip shows its outcome and time, hovers with the details and links to them.
+    A box without cells is None.
     """
+    if not cells:
+        return None
     scenarios, cols = _columns(cells)
-    boxes: dict[tuple[str, tuple[str, str, str]], list[tuple[int, Mapping[str, Any]]]] = {}
+    boxes: dict[tuple[str, tuple[str, str, str]], list[dict[str, Any]]] = {}
     for i, c in enumerate(cells):
-        boxes.setdefault((c["scenario"], column_of(c)), []).append((i, c))
-    head = "".join(f"<th class=\"col\">{esc(_column_label(col))}</th>" for col in cols)
-    rows = []
-    for sc in scenarios:
-        tds = []
-        for col in cols:
-            box = boxes.get((sc, col))
-            if not box:
-                tds.append("<td class=\"na\" title=\"no cell of this scenario in this configuration\"></td>")
-                continue
-            chips = []
-            for i, c in box:
-                o = c["outcome"]
-                extra = chip_label(c)
-                chips.append(f"<a class=\"chip o-{o}\" href=\"#cell-{i}\" data-nodeid=\"{esc(c['nodeid'])}\" "
-                             f"data-outcome=\"{o}\" title=\"{esc(_cell_title(c))}\">{LABEL[o]}"
-                             + (f"<i>{esc(extra)}</i>" if extra else "")
-                             + f"<small>{fmt_seconds(c.get('duration_seconds'))}</small></a>")
-            tds.append(f"<td class=\"box\">{''.join(chips)}</td>")
-        module, _, func = sc.rpartition("::")
-        rows.append(f"<tr><th class=\"scenario\" title=\"{esc(sc)}\"><small>{esc(module)}</small>{esc(func or sc)}</th>"
-                    f"{''.join(tds)}</tr>")
-    return (f"<table class=\"grid\"><thead><tr><th>scenario \\ configuration</th>{head}</tr></thead>"
-            f"<tbody>{''.join(rows)}</tbody></table>")
+        boxes.setdefault((c["scenario"], column_of(c)), []).append(
+            {"index": i, "outcome": c["outcome"], "label": LABEL[c["outcome"]], "nodeid": c["nodeid"],
+             "title": _cell_title(c), "extra": chip_label(c), "duration": fmt_seconds(c.get("duration_seconds"))})
+    return {"columns": [_column_label(col) for col in cols],
+            "rows": [{**_scenario_head(sc), "boxes": [boxes.get((sc, col)) for col in cols]} for sc in scenarios]}
 
 
-def _guests_table(guests: Sequence[Mapping[str, Any]]) -> str:
-    if not guests:
-        return ""
-    head = "<tr><th>image</th><th>arch</th><th>level</th><th>accel</th><th>why</th><th>vCPUs</th><th>MiB</th>" \
-           "<th>ready</th><th>serial log</th></tr>"
-    rows = []
-    for g in guests:
-        log = g.get("serial_log")
-        link = f"<a href=\"{esc(log)}\">{esc(log)}</a>" if log else "-"
-        rows.append(f"<tr><td>{esc(g.get('image'))}</td><td>{esc(g.get('arch'))}</td><td>{esc(g.get('level'))}</td>"
-                    f"<td>{esc(g.get('accel'))}</td><td>{esc(g.get('accel_reason'))}</td><td>{esc(g.get('vcpus'))}</td>"
-                    f"<td>{esc(g.get('memory_mb'))}</td><td>{fmt_seconds(g.get('ready_seconds'))}</td>"
-                    f"<td class=\"mono\">{link}</td></tr>")
-    return f"<table>{head}{''.join(rows)}</table>"
+def _reason(cell: Mapping[str, Any]) -> str:
+    """A cell's reason as one line, cut to fit."""
+    return headline(str(cell.get("reason") or ""))[:200]
 
 
-def _details_html(cells: Sequence[Mapping[str, Any]]) -> str:
-    out = []
-    for i, c in enumerate(cells):
-        o = c["outcome"]
-        reason = f" — {esc(headline(str(c['reason']))[:200])}" if c.get("reason") else ""
-        body = [f"<p>configuration <code>{esc(c['config'])}</code>; worker {esc(c.get('worker') or '-')}; "
-                f"phases {esc(', '.join(f'{k} {v:.2f}s' for k, v in (c.get('phases') or {}).items()))}; "
-                f"markers {esc(', '.join(c.get('markers') or []) or '-')}</p>"]
-        coords = {k: v for k, v in (c.get("coords") or {}).items() if v is not None}
-        if coords:
-            body.append("<p>matrix: " + " · ".join(f"{esc(k)}=<code>{esc(v)}</code>" for k, v in coords.items()) + "</p>")
-        if c.get("facts"):
-            body.append("<h4>facts</h4>" + _kv_table(c["facts"]))
-        if c.get("guests"):
-            body.append("<h4>guests</h4>" + _guests_table(c["guests"]))
-        if c.get("l1_host"):
-            body.append(f"<p>L1 host: <a href=\"#{esc(c['l1_host'])}\">{esc(c['l1_host'])}</a></p>")
-        if c.get("longrepr"):
-            body.append(f"<pre>{esc(c['longrepr'])}</pre>")
-        is_open = " open" if o in BAD else ""
-        out.append(f"<details class=\"cell o-{o}\" id=\"cell-{i}\"{is_open}><summary>{LABEL[o]} "
-                   f"{fmt_seconds(c.get('duration_seconds'))} <b>{esc(c['nodeid'])}</b>{reason}</summary>"
-                   f"{''.join(body)}</details>")
-    return "".join(out)
+def _guest_row(g: Mapping[str, Any]) -> dict[str, str]:
+    return {"image": _text(g.get("image")), "arch": _text(g.get("arch")), "level": _text(g.get("level")),
+            "accel": _text(g.get("accel")), "accel_reason": _text(g.get("accel_reason")), "vcpus": _text(g.get("vcpus")),
+            "memory_mb": _text(g.get("memory_mb")), "ready": fmt_seconds(g.get("ready_seconds")),
+            "serial_log": _text(g.get("serial_log"))}
+
+
+def _cell_details(i: int, c: Mapping[str, Any]) -> dict[str, Any]:
+    """One cell's ``<details>``: everything the report knows about it."""
+    o = c["outcome"]
+    return {
+        "index": i, "outcome": o, "label": LABEL[o], "open": o in BAD, "nodeid": c["nodeid"],
+        "duration": fmt_seconds(c.get("duration_seconds")), "reason": _reason(c) if c.get("reason") else None,
+        "config": _text(c["config"]), "worker": _text(c.get("worker") or "-"),
+        "phases": ", ".join(f"{k} {v:.2f}s" for k, v in (c.get("phases") or {}).items()),
+        "markers": ", ".join(c.get("markers") or []) or "-",
+        "coords": [(str(k), str(v)) for k, v in (c.get("coords") or {}).items() if v is not None],
+        "facts": _flatten(c["facts"]) if c.get("facts") else None,
+        "guests": [_guest_row(g) for g in c.get("guests") or []],
+        "l1_host": _text(c.get("l1_host")), "longrepr": _text(c.get("longrepr")),
+    }
 
 
 def _cut(text: str, width: int) -> str:
@@ -285,35 +219,30 @@ def _boot_points(cells: Sequence[Mapping[str, Any]]) -> list[tuple[str, float, i
     return points
 
 
-def boot_chart_svg(cells: Sequence[Mapping[str, Any]]) -> str:
-    """Horizontal bars: seconds from launch to ready, one per guest, coloured by level."""
+def boot_chart(cells: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """Horizontal bars: seconds from launch to ready, one per guest, coloured by level; None without boots.
+
+    Every coordinate is worked out here; the template only draws the SVG.
+    """
     points = _boot_points(cells)
     if not points:
-        return "<p>No guest boots were recorded.</p>"
+        return None
     label_w, bar_w, row_h = 560, 380, 20
     top = max(v for _, v, _, _ in points) or 1.0
-    h = row_h * len(points) + 30
-    parts = [f"<svg width=\"{label_w + bar_w + 80}\" height=\"{h}\" "
-             f"role=\"img\" aria-label=\"boot times\">"]
+    bars = []
     for i, (label, secs, level, nodeid) in enumerate(points):
         y = i * row_h + 4
         w = max(1.0, secs / top * bar_w)
-        colour = LEVEL_COLOUR.get(level, "#555")
-        parts.append(f"<text x=\"{label_w - 6}\" y=\"{y + 13}\" text-anchor=\"end\">{esc(_cut(label, 84))}</text>"
-                     f"<rect x=\"{label_w}\" y=\"{y}\" width=\"{w:.1f}\" height=\"{row_h - 6}\" fill=\"{colour}\">"
-                     f"<title>{esc(nodeid)}: {secs:.1f} s</title></rect>"
-                     f"<text x=\"{label_w + w + 4:.1f}\" y=\"{y + 13}\">{secs:.1f} s</text>")
+        bars.append({"label": _cut(label, 84), "label_x": label_w - 6, "text_y": y + 13, "x": label_w, "y": y,
+                     "width": f"{w:.1f}", "height": row_h - 6, "colour": LEVEL_COLOUR.get(level, "#555"),
+                     "nodeid": nodeid, "seconds": f"{secs:.1f}", "value_x": f"{label_w + w + 4:.1f}"})
     axis_y = row_h * len(points) + 8
-    parts.append(f"<line x1=\"{label_w}\" y1=\"{axis_y}\" x2=\"{label_w + bar_w}\" y2=\"{axis_y}\" stroke=\"#999\"/>"
-                 f"<text x=\"{label_w}\" y=\"{axis_y + 16}\">0</text>"
-                 f"<text x=\"{label_w + bar_w}\" y=\"{axis_y + 16}\" text-anchor=\"end\">{top:.0f} s</text>")
-    for level, colour in LEVEL_COLOUR.items():
-        if any(p[2] == level for p in points):
-            x = 10 + (level - 1) * 60
-            parts.append(f"<rect x=\"{x}\" y=\"{axis_y + 6}\" width=\"10\" height=\"10\" fill=\"{colour}\"/>"
-                         f"<text x=\"{x + 14}\" y=\"{axis_y + 15}\">L{level}</text>")
-    parts.append("</svg>")
-    return "".join(parts)
+    legend = [{"level": level, "colour": colour, "x": 10 + (level - 1) * 60, "y": axis_y + 6,
+               "text_x": 10 + (level - 1) * 60 + 14, "text_y": axis_y + 15}
+              for level, colour in LEVEL_COLOUR.items() if any(p[2] == level for p in points)]
+    return {"width": label_w + bar_w + 80, "height": row_h * len(points) + 30, "bars": bars,
+            "axis": {"x1": label_w, "x2": label_w + bar_w, "y": axis_y, "label_y": axis_y + 16, "top": f"{top:.0f}"},
+            "legend": legend}
 
 
 def _host_rows(host: Mapping[str, Any]) -> Any:
@@ -328,41 +257,36 @@ def _host_rows(host: Mapping[str, Any]) -> Any:
     return ordered
 
 
-def report_html(doc: Mapping[str, Any]) -> str:
+def report_context(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """What ``report.html.j2`` shows of a report: plain values, lists and dicts, ready to print."""
     run, host, cells = doc["run"], doc.get("host") or {}, doc["cells"]
-    title = f"nestbed report {run['id']}"
     what = " ".join(x for x in [f"tier {run['tier']}" if run.get("tier") else "",
                                 f"shard {run['shard']}" if run.get("shard") else ""] if x) or "scenarios"
-    sub = (f"{esc(what)} on <b>{esc(host.get('hostname', '?'))}</b> ({esc(host_key(host))}); "
-           f"{esc(run['started'])} – {esc(run['finished'])} ({fmt_seconds(run.get('duration_seconds'))}), "
-           f"{esc(_workers(run))}; nestbed {esc(run.get('nestbed_version'))}, "
-           f"schema v{esc(doc['schema_version'])}" + (" — <b>interrupted</b>" if run.get("interrupted") else ""))
-    failures = [(i, c) for i, c in enumerate(cells) if c["outcome"] in BAD]
-    fail_list = ""
-    if failures:
-        items = []
-        for i, c in failures:
-            logs = " ".join(f"<a href=\"{esc(p)}\">serial log</a>" for p in c["artifacts"]["serial_logs"]) or "no guest log"
-            reason = esc(headline(str(c.get("reason") or ""))[:200])
-            items.append(f"<li class=\"o-{c['outcome']}\"><a href=\"#cell-{i}\">{esc(c['nodeid'])}</a> {reason} — {logs}</li>")
-        fail_list = f"<h2>Failures</h2><ul>{''.join(items)}</ul>"
-    l1 = "".join(f"<h3 id=\"{esc(h.get('id'))}\">{esc(h.get('id'))} (level {esc(h.get('level'))}, L0 accel "
-                 f"{esc(h.get('l0_accel'))})</h3>{_kv_table({'accel': h.get('accel'), 'facts': h.get('facts')})}"
-                 for h in doc.get("l1_hosts") or [])
-    deselected = doc.get("deselected") or []
-    desel = ""
-    if deselected:
-        desel = "<h2>Excluded by the matrix</h2><ul>" + "".join(
-            f"<li><code>{esc(d['nodeid'])}</code>: {esc(d['reason'])}</li>" for d in deselected) + "</ul>"
-    body = (f"<h1>{esc(title)}</h1><div class=\"sub\">{sub}</div>{_counts_html(doc['summary'])}"
-            f"<h2>Compatibility grid</h2>{grid_html(cells) if cells else '<p>No cells ran.</p>'}{fail_list}"
-            f"<h2>Boot times (launch to ready)</h2>{boot_chart_svg(cells)}"
-            f"<h2>Host</h2>{_kv_table(_host_rows(host))}"
-            + (f"<h2>L1 hosts</h2>{l1}" if l1 else "")
-            + f"<h2>Cells</h2>{_details_html(cells)}{desel}"
-            f"<p class=\"sub\">Files: <a href=\"report.json\">report.json</a> · <a href=\"junit.xml\">junit.xml</a> · "
-            f"<a href=\"summary.md\">summary.md</a> · <a href=\"pytest.log\">pytest.log</a></p>")
-    return _page(title, body)
+    return {
+        "title": f"nestbed report {run['id']}",
+        "run": {"what": what, "hostname": _text(host.get("hostname", "?")), "host_key": host_key(host),
+                "started": _text(run["started"]), "finished": _text(run["finished"]),
+                "duration": fmt_seconds(run.get("duration_seconds")), "workers": _workers(run),
+                "version": _text(run.get("nestbed_version")), "schema_version": _text(doc["schema_version"]),
+                "interrupted": bool(run.get("interrupted"))},
+        "counts": _counts(doc["summary"]),
+        "grid": grid(cells),
+        "failures": [{"index": i, "outcome": c["outcome"], "nodeid": c["nodeid"], "reason": _reason(c),
+                      "logs": list(c["artifacts"]["serial_logs"])}
+                     for i, c in enumerate(cells) if c["outcome"] in BAD],
+        "chart": boot_chart(cells),
+        "host_rows": _flatten(_host_rows(host)),
+        "l1_hosts": [{"id": _text(h.get("id")), "level": _text(h.get("level")), "l0_accel": _text(h.get("l0_accel")),
+                      "rows": _flatten({"accel": h.get("accel"), "facts": h.get("facts")})}
+                     for h in doc.get("l1_hosts") or []],
+        "cells": [_cell_details(i, c) for i, c in enumerate(cells)],
+        "deselected": [{"nodeid": _text(d["nodeid"]), "reason": _text(d["reason"])} for d in doc.get("deselected") or []],
+    }
+
+
+def report_html(doc: Mapping[str, Any]) -> str:
+    """A run's self-contained ``index.html``."""
+    return _render("report.html.j2", report_context(doc))
 
 
 def _md(text: Any) -> str:
@@ -404,48 +328,50 @@ def _fleet_columns(hosts: Sequence[Mapping[str, Any]]) -> list[str]:
     return sorted(cols)
 
 
-def fleet_html(doc: Mapping[str, Any]) -> str:
+def _fleet_row(h: Mapping[str, Any], cols: Sequence[str]) -> dict[str, Any]:
+    """One host kind's row: what it is, then its outcome of every cell (None where it ran none)."""
+    host = h.get("host") or {}
+    qemu = host.get("qemu")
+    cells: list[dict[str, str] | None] = []
+    for n in cols:
+        c = h["cells"].get(n)
+        if c is None:
+            cells.append(None)
+            continue
+        o = c["outcome"]
+        tip = f"{n}\n{LABEL[o]} in {fmt_seconds(c.get('duration_seconds'))}\n{c.get('reason') or ''}".strip()
+        cells.append({"nodeid": n, "outcome": o, "label": LABEL[o], "title": tip})
+    return {"key": h["key"], "cpu": _text((host.get("cpu") or {}).get("model", "?")), "kernel": _text(host.get("kernel")),
+            "qemu": _text(qemu.get("x86_64") if isinstance(qemu, dict) else qemu),
+            "hostnames": ", ".join(h.get("hostnames") or []), "runs": len(h.get("runs") or []), "cells": cells}
+
+
+def fleet_context(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """What ``fleet.html.j2`` shows of a fleet: host kinds (rows) x cells (columns, grouped by scenario)."""
     hosts = doc["hosts"]
     cols = _fleet_columns(hosts)
-    # Two header rows: the scenario (spanning its cells), then each cell's parametrization.
-    groups: list[tuple[str, int]] = []
+    scenarios: list[dict[str, Any]] = []
     for n in cols:
         sc = rp_scenario(n)
-        if groups and groups[-1][0] == sc:
-            groups[-1] = (sc, groups[-1][1] + 1)
+        if scenarios and scenarios[-1]["scenario"] == sc:
+            scenarios[-1]["span"] += 1
         else:
-            groups.append((sc, 1))
-    top = "".join(f"<th class=\"scenario\" colspan=\"{span}\" title=\"{esc(sc)}\"><small>{esc(sc.rpartition('::')[0])}"
-                  f"</small>{esc(sc.rpartition('::')[2])}</th>" for sc, span in groups)
-    head = "".join(f"<th class=\"col\" title=\"{esc(n)}\">{esc(n[len(rp_scenario(n)):].strip('[]') or '·')}</th>"
-                   for n in cols)
-    rows = []
-    for h in hosts:
-        host = h.get("host") or {}
-        label = (f"<b>{esc((host.get('cpu') or {}).get('model', '?'))}</b><br>kernel {esc(host.get('kernel'))}<br>"
-                 f"QEMU {esc((host.get('qemu') or {}).get('x86_64') if isinstance(host.get('qemu'), dict) else host.get('qemu'))}"
-                 f"<br><small>{esc(', '.join(h.get('hostnames') or []))}; {len(h.get('runs') or [])} run(s)</small>")
-        tds = []
-        for n in cols:
-            c = h["cells"].get(n)
-            if c is None:
-                tds.append("<td class=\"na\"></td>")
-                continue
-            o = c["outcome"]
-            tip = f"{n}\n{LABEL[o]} in {fmt_seconds(c.get('duration_seconds'))}\n{c.get('reason') or ''}".strip()
-            tds.append(f"<td class=\"cell o-{o}\" data-nodeid=\"{esc(n)}\" data-host=\"{esc(h['key'])}\" "
-                       f"data-outcome=\"{o}\" title=\"{esc(tip)}\">{LABEL[o]}</td>")
-        rows.append(f"<tr><th>{label}</th>{''.join(tds)}</tr>")
-    sources = "".join(f"<li><code>{esc(s)}</code></li>" for s in doc.get("sources") or [])
-    body = (f"<h1>nestbed fleet</h1><div class=\"sub\">{len(hosts)} host kind(s), {len(cols)} cells; "
-            f"generated {esc(doc.get('generated'))}</div>{_counts_html(doc['summary'])}"
-            f"<h2>Hosts × scenarios</h2><table class=\"grid fleet\"><thead><tr><th rowspan=\"2\">host</th>{top}</tr>"
-            f"<tr>{head}</tr></thead>"
-            f"<tbody>{''.join(rows)}</tbody></table>"
-            f"<h2>Hosts</h2>" + "".join(f"<h3>{esc(h['key'])}</h3>{_kv_table(_host_rows(h.get('host') or {}))}"
-                                       for h in hosts)
-            + f"<h2>Merged reports</h2><ul>{sources}</ul>")
-    return _page("nestbed fleet", body)
+            scenarios.append({**_scenario_head(sc), "span": 1})
+    return {
+        "title": "nestbed fleet",
+        "generated": _text(doc.get("generated")),
+        "counts": _counts(doc["summary"]),
+        "scenarios": scenarios,
+        "columns": [{"nodeid": n, "label": n[len(rp_scenario(n)):].strip("[]") or "·"} for n in cols],
+        "rows": [_fleet_row(h, cols) for h in hosts],
+        "hosts": [{"key": h["key"], "rows": _flatten(_host_rows(h.get("host") or {}))} for h in hosts],
+        "sources": [_text(s) for s in doc.get("sources") or []],
+    }
+
+
+def fleet_html(doc: Mapping[str, Any]) -> str:
+    """A fleet's self-contained ``index.html``."""
+    return _render("fleet.html.j2", fleet_context(doc))
 
 
 def fleet_markdown(doc: Mapping[str, Any]) -> str:
