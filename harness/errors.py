@@ -25,7 +25,8 @@ The tree::
     ├── TransportError             an SSH/serial transport broke
     ├── GuestOutputError           a guest printed what its parser cannot read (harness.guestfacts)
     ├── DiskFormatError            a disk-format hop or its verification failed (harness.diskfmt)
-    └── CapabilityMissing(feature, hint)
+    ├── CapabilityMissing(feature, hint)  this host cannot do it (the plugin skips)
+    └── SetupMissing               a program or file nestbed's setup installs is not there (a failure, never a skip)
 
 The last group's classes live beside the code that raises them; the rest are here.
 
@@ -188,3 +189,8 @@ class CapabilityMissing(HarnessError):
     def __init__(self, feature: str, hint: str = "") -> None:
         self.feature, self.hint = feature, hint
         super().__init__(f"{feature} is not available" + (f": {hint}" if hint else ""))
+
+
+class SetupMissing(HarnessError):
+    """A program or file that nestbed's setup installs is missing: a broken setup, not an unsupported host,
+    so it fails a test instead of skipping it.  The message names the Debian package to install."""

@@ -209,7 +209,13 @@ class Guest:
         if self._ssh is None:
             host_key = self.image.manifest.get("host_keys", {}).get("ssh-ed25519")
             if not host_key or 22 not in self.machine.host_ports:
-                raise CapabilityMissing("ssh", f"image {self.image.name} has no SSH server")
+                # Not a host's limit but the image's (or the caller's): a failure, never a skip.
+                if self.image.recipe.kind is Kind.DEBIAN:
+                    raise TransportError(f"image {self.image.name} should have an SSH server, but its manifest "
+                                         f"records no host key: rebuild it (nestbed images build --force "
+                                         f"{self.image.name})")
+                raise TransportError(f"image {self.image.name} (kind {self.image.recipe.kind.value}) has no SSH "
+                                     f"server: boot it with via='serial'")
             key_path, _ = keys.client_keypair()
             self._ssh = SSHTransport(host="127.0.0.1", port=self.machine.host_ports[22], user="root",
                                      key_path=key_path, host_key=host_key, timeout=timeout,

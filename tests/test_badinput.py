@@ -8,7 +8,6 @@ chains use) go to :mod:`harness.diskfmt`'s verification steps, driven by hypothe
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import struct
 import subprocess
@@ -136,12 +135,7 @@ def test_kernel_package_that_does_not_exist_names_it_and_marks_nothing_built(tmp
     assert nestbed("images", "list", "--json", env=_env(tmp_path), timeout=60).stdout.count('"built": true') == 0
 
 
-# -- matrix files (harness.reports.matrix, written in parallel; skipped until it exists) --------------------
-
-def _matrix_cli() -> bool:
-    if importlib.util.find_spec("harness.reports.matrix") is None:
-        return False
-    return nestbed("matrix", "--help", timeout=60).returncode == 0
+# -- matrix files ---------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("text", "key", "needle"), [
@@ -152,8 +146,6 @@ def _matrix_cli() -> bool:
 ], ids=["unknown-key", "unknown-table", "str-for-list", "bad-toml"])
 def test_malformed_matrix_file_is_one_line_naming_file_and_key(tmp_path: Path, text: str, key: str,
                                                                needle: str) -> None:
-    if not _matrix_cli():
-        pytest.skip("harness.reports.matrix / `nestbed matrix` is not in the tree yet (written in parallel)")
     path = tmp_path / "matrix.toml"
     path.write_text(text)
     line = _one_line_error(nestbed("matrix", "--tier", "smoke", "--matrix", str(path), timeout=120))

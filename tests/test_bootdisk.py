@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import setup_installs
 
-from harness.errors import CapabilityMissing, ImageBuildError, ImageNotBuilt, UsageError
+from harness.errors import CapabilityMissing, ImageBuildError, ImageNotBuilt, SetupMissing, UsageError
 from harness.guest import BootOptions, spec_for
 from harness.images import bootdisk
 from harness.images.recipes import parse_recipe
@@ -174,7 +175,7 @@ def test_embed_bios_core_refuses_nonsense() -> None:
         bootdisk.embed_bios_core(_mbr(), bytes(512), _fake_core(3), 2048)
 
 
-@pytest.mark.skipif(not Path("/usr/lib/grub/i386-pc/boot.img").is_file(), reason="grub-pc-bin not installed")
+@setup_installs(Path("/usr/lib/grub/i386-pc/boot.img").is_file(), "grub-pc-bin")
 def test_real_boot_img_matches_the_offsets() -> None:
     boot = Path("/usr/lib/grub/i386-pc/boot.img").read_bytes()
     assert boot[0x66] == 0xEB and boot[0x64] == 0xFF  # jmp at the drive check; boot drive "from BIOS"
@@ -208,8 +209,7 @@ def _fake_image(tmp_path: Path, name: str = "debian-x86_64") -> Image:
     return Image(recipe, d)
 
 
-needs_ovmf = pytest.mark.skipif(not (OVMF[64].code.is_file() and OVMF[32].code.is_file()),
-                                reason="ovmf / ovmf-ia32 not installed")
+needs_ovmf = setup_installs(OVMF[64].code.is_file() and OVMF[32].code.is_file(), "ovmf / ovmf-ia32")
 
 
 @needs_ovmf
@@ -267,7 +267,7 @@ def test_check_firmware_names_the_missing_package(monkeypatch: pytest.MonkeyPatc
     from harness.vm import spec as spec_mod
 
     monkeypatch.setitem(spec_mod.OVMF, 32, spec_mod.Ovmf(tmp_path / "nope.fd", tmp_path / "v.fd", smm=True, bits=32))
-    with pytest.raises(CapabilityMissing, match="apt-get install ovmf-ia32"):
+    with pytest.raises(SetupMissing, match=r"install Debian's ovmf-ia32 \(sudo apt-get install ovmf-ia32\)"):
         bootdisk.check_firmware(Arch.I386, Firmware.UEFI)
     bootdisk.check_firmware(Arch.I386, Firmware.BIOS)  # SeaBIOS needs nothing
 
@@ -275,10 +275,10 @@ def test_check_firmware_names_the_missing_package(monkeypatch: pytest.MonkeyPatc
 # -- a real build, from a synthetic image ----------------------------------------------------
 
 TOOLS = ("grub-mkimage", "sfdisk", "mkfs.vfat", "mcopy", "mdir", "qemu-img", "mke2fs")
-needs_tools = pytest.mark.skipif(
-    not all(shutil.which(t) for t in TOOLS) or not all(
+needs_tools = setup_installs(
+    all(shutil.which(t) for t in TOOLS) and all(
         (Path("/usr/lib/grub") / p / "moddep.lst").is_file() for p in ("i386-pc", "x86_64-efi", "i386-efi")),
-    reason="boot-disk tools missing (grub-pc-bin grub-efi-amd64-bin grub-efi-ia32-bin mtools dosfstools fdisk)")
+    "a boot-disk tool (grub-pc-bin grub-efi-amd64-bin grub-efi-ia32-bin mtools dosfstools fdisk)")
 
 
 def _synthetic_image(tmp_path: Path) -> Image:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import setup_installs
 
 from harness import diskfmt
 from harness.diskfmt import DiskFormatError, Hop, Pitfall, parse_chain
@@ -206,8 +207,8 @@ def test_vhd_without_force_size_grows_and_says_so(source: Path, tmp_path: Path) 
     assert [p["id"] for p in hop["pitfalls"]] == ["vhd-chs-geometry"]
 
 
-@pytest.mark.skipif(not any(e.name == "dissect.hypervisor" for e in diskfmt.READERS.get(DiskFormat.VDI, [])),
-                    reason="dissect.hypervisor (the optional 'dissect' extra) is not installed")
+@setup_installs(any(e.name == "dissect.hypervisor" for e in diskfmt.READERS.get(DiskFormat.VDI, [])),
+                "dissect.hypervisor (the 'dissect' extra)")
 def test_vdi_is_read_by_dissect_block_by_block(source: Path, tmp_path: Path) -> None:
     """dissect.hypervisor 3.21's VDI stream returns wrong data for reads spanning blocks; the
     reader asks one block at a time, so it must agree with QEMU."""

@@ -287,7 +287,7 @@ def test_cli_matrix_json_lists_every_cell_once() -> None:
 
 
 def test_nightly_workflow_runs_the_matrix_shards() -> None:
-    yaml = pytest.importorskip("yaml")
+    import yaml  # pyyaml: the test extra, which setup installs
     wf = yaml.safe_load((REPO / ".github/workflows/nightly.yml").read_text())
     on = wf.get("on", wf.get(True))  # YAML 1.1 reads a bare `on` as true
     assert "schedule" in on
@@ -327,3 +327,85 @@ def test_matrix_docs_mention_every_axis() -> None:
     for axis in mx.load_matrix(REPO / "scenarios" / "matrix.toml").axes:
         assert f"`{axis}`" in doc, axis
     assert textwrap.dedent("nestbed matrix --tier") in doc
+
+
+# -- declared skips and expected failures ([[expect]], strict tiers) ----------------------------------
+
+EXPECT = MINI.replace('[tiers.smoke]\nmarkers = ["smoke"]', '[tiers.smoke]\nmarkers = ["smoke"]\nstrict = true') + """
+[[expect]]
+match = "*test_k.py::*"
+outcome = "skip"
+host = "kvm"
+until = 2027-01-31
+reason = "needs nested KVM, off on this fleet's KVM hosts"
+"""
+
+
+@pytest.mark.parametrize(("edit", "key", "reason"), [
+    (lambda t: t.replace('outcome = "skip"', 'outcome = "fail"'), "expect[0].outcome", "expected one of"),
+    (lambda t: t.replace('reason = "needs nested KVM, off on this fleet\'s KVM hosts"', ""), "expect[0].reason", "missing"),
+    (lambda t: t.replace("until = 2027-01-31", 'until = "soon"'), "expect[0].until", "a date like"),
+    (lambda t: t.replace('host = "kvm"', 'host = "xen"'), "expect[0].host", "expected one of"),
+    (lambda t: t.replace("strict = true", "strict = 1"), "tiers.smoke.strict", "true or false"),
+])
+def test_bad_expect_rule_is_one_line(edit, key: str, reason: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(mx.MatrixError) as info:
+        mx.parse_matrix(edit(EXPECT), "bad.toml")
+    assert str(info.value).startswith(f"bad.toml: {key}: ") and reason in str(info.value), str(info.value)
+
+
+def test_declared_skips_by_host_kind_and_date() -> None:
+    import datetime
+
+    m = mx.parse_matrix(EXPECT, "m.toml")
+    assert m.tier("smoke").strict and not m.tier("nightly").strict
+    day = datetime.date(2026, 12, 1)
+    coords: dict[str, str | None] = {"arch": "x86_64", "level": "1", "transport": "serial"}
+    ok = mx.declared(m, "s/test_k.py::test_a", coords, "skip", tier="smoke", host="kvm", today=day)
+    assert ok.rule is not None and "needs nested KVM" in ok.why
+    # Another host kind, another outcome, another cell: not declared.
+    assert mx.declared(m, "s/test_k.py::test_a", coords, "skip", tier="smoke", host="tcg", today=day).rule is None
+    assert mx.declared(m, "s/test_k.py::test_a", coords, "xfail", tier="smoke", host="kvm", today=day).rule is None
+    assert mx.declared(m, "s/test_b.py::test_a", coords, "skip", tier="smoke", host="kvm", today=day).rule is None
+    lapsed = mx.declared(m, "s/test_k.py::test_a", coords, "skip", tier="smoke", host="kvm",
+                         today=datetime.date(2027, 2, 1))
+    assert lapsed.rule is None and "lapsed on 2027-01-31" in lapsed.why
+
+
+STRICT_SCENARIOS = '''
+import pytest
+
+@pytest.mark.smoke
+def test_passes():
+    pass
+
+@pytest.mark.smoke
+def test_skips_undeclared():
+    pytest.skip("the probe said TCG")
+
+@pytest.mark.smoke
+@pytest.mark.xfail(reason="known bug 42", strict=True)
+def test_xfails_undeclared():
+    assert False
+
+@pytest.mark.smoke
+def test_skips_declared():
+    pytest.skip("no OVMF on this host kind")
+'''
+
+
+def test_an_undeclared_skip_or_xfail_fails_a_strict_tier(pytester: pytest.Pytester) -> None:
+    matrix = MINI.replace('[tiers.smoke]\nmarkers = ["smoke"]', '[tiers.smoke]\nmarkers = ["smoke"]\nstrict = true')
+    matrix += '\n[[expect]]\nmatch = "*test_skips_declared*"\noutcome = "skip"\nreason = "no OVMF here"\n'
+    pytester.makefile(".toml", matrix=matrix)
+    pytester.makepyfile(test_strict=STRICT_SCENARIOS)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rA", "--nestbed-matrix", "matrix.toml",
+                                           "--nestbed-tier", "smoke")
+    result.assert_outcomes(passed=1, failed=2, skipped=1)
+    out = result.stdout.str()
+    assert "undeclared skip in the strict tier 'smoke': the probe said TCG" in out
+    assert "undeclared xfail in the strict tier 'smoke': known bug 42" in out
+    # The same run in a tier that is not strict: skips and xfails stand.
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--nestbed-matrix", "matrix.toml",
+                                           "--nestbed-tier", "nightly")
+    result.assert_outcomes(passed=1, skipped=2, xfailed=1)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import setup_installs
 
 from harness.core.progress import CellProgress
 from harness.reports import model as rp
@@ -615,7 +616,7 @@ class _Cells(html.parser.HTMLParser):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
+@setup_installs(CHROMIUM is not None, "chromium")
 def test_index_html_renders_the_grid_in_headless_chromium(xdist_report: dict[str, Any], tmp_path: Path) -> None:
     page = Path(xdist_report["_dir"]) / "index.html"
     assert "http://" not in page.read_text() and "https://" not in page.read_text()  # no network

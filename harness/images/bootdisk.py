@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from harness.core.publish import publish, write_atomic
-from harness.errors import CapabilityMissing, ImageBuildError, ImageNotBuilt, UsageError
+from harness.errors import CapabilityMissing, ImageBuildError, ImageNotBuilt, SetupMissing, UsageError
 from harness.images.recipes import Kind
 from harness.images.steps import run_step
 from harness.images.store import Image
@@ -289,7 +289,8 @@ def check_firmware(arch: Arch, firmware: Firmware) -> None:
         pkg = "ovmf" if ovmf.bits == 64 else "ovmf-ia32"
         for f in (ovmf.code, ovmf.vars):
             if not f.is_file():
-                raise CapabilityMissing(f"{firmware.value} firmware", f"{f} is missing (apt-get install {pkg})")
+                raise SetupMissing(f"{firmware.value} firmware: {f} is missing: install Debian's {pkg} "
+                                   f"(sudo apt-get install {pkg})")
     loader = loader_for(arch, firmware)
     if loader not in LOADERS[arch]:
         raise CapabilityMissing(f"{firmware.value} on {arch.value}",

@@ -34,6 +34,7 @@ Format (every key is checked; an unknown key or a wrong type is a one-line
 
 from __future__ import annotations
 
+import datetime
 import fnmatch
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -44,7 +45,9 @@ from typing import Any
 from harness.errors import RecipeError, UsageError
 
 MATRIX_VERSION = 1
-RULE_KINDS = ("assign", "include", "exclude")
+RULE_KINDS = ("assign", "include", "exclude", "expect")
+EXPECTABLE = ("skip", "xfail")
+HOST_KINDS = ("tcg", "kvm")  # what level 0 runs guests under (the probe's x86_64 verdict)
 # Arch suffixes of image names: the `guest` fixture's indirect parameter names an image, not an arch.
 _IMAGE_ARCHES = ("x86_64", "i386")
 
@@ -71,6 +74,9 @@ class Rule:
     match: tuple[str, ...] = ()
     tiers: tuple[str, ...] = ()
     reason: str = ""
+    outcome: str = ""                 # expect: "skip" or "xfail"
+    until: datetime.date | None = None  # expect: the declaration lapses after this day
+    host: str | None = None           # expect: only on this host kind (HOST_KINDS)
 
     def applies_to_tier(self, tier: str | None) -> bool:
         return not self.tiers or (tier is not None and tier in self.tiers)
@@ -87,6 +93,7 @@ class Tier:
     markers: tuple[str, ...] = ()
     all: bool = False
     shards: int = 1
+    strict: bool = False  # a skip or xfail no [[expect]] declares fails the cell
 
 
 @dataclass(frozen=True)
@@ -185,7 +192,7 @@ def parse_matrix(text: str, file: str = "<matrix>") -> Matrix:
     for name, raw in _table(file, "tiers", data.get("tiers", {})).items():
         where = f"tiers.{name}"
         tbl = _table(file, where, raw)
-        _check_keys(file, where, tbl, ["markers", "all", "shards"])
+        _check_keys(file, where, tbl, ["markers", "all", "shards", "strict"])
         markers = _str_list(file, f"{where}.markers", tbl.get("markers", []), allow_scalar=False)
         every = tbl.get("all", False)
         if not isinstance(every, bool):
@@ -195,7 +202,10 @@ def parse_matrix(text: str, file: str = "<matrix>") -> Matrix:
             raise MatrixError(file, f"{where}.shards", f"expected a positive integer, got {shards!r}")
         if not markers and not every:
             raise MatrixError(file, where, "selects nothing: give markers = [...] or all = true")
-        tiers[name] = Tier(name, markers, every, shards)
+        strict = tbl.get("strict", False)
+        if not isinstance(strict, bool):
+            raise MatrixError(file, f"{where}.strict", f"expected true or false, got {strict!r}")
+        tiers[name] = Tier(name, markers, every, shards, strict)
     if not tiers:
         raise MatrixError(file, "tiers", "no tiers defined")
 
@@ -207,7 +217,8 @@ def parse_matrix(text: str, file: str = "<matrix>") -> Matrix:
         for i, raw in enumerate(raw_rules):
             where = f"{kind}[{i}]"
             tbl = _table(file, where, raw)
-            extra = ["match", "reason"] + (["tiers"] if kind != "assign" else [])
+            extra = ["match", "reason"] + (["tiers"] if kind != "assign" else []) + \
+                (["outcome", "until", "host"] if kind == "expect" else [])
             _check_keys(file, where, tbl, [*axes, *extra])
             cond: dict[str, tuple[str, ...]] = {}
             for axis_name in axes:
@@ -235,8 +246,59 @@ def parse_matrix(text: str, file: str = "<matrix>") -> Matrix:
                 raise MatrixError(file, where, "no condition: this rule would match every cell")
             if kind == "exclude" and not reason:
                 raise MatrixError(file, f"{where}.reason", "missing: say why these cells are excluded")
-            rules.append(Rule(kind, i, cond, match, rule_tiers, reason))
+            expect: dict[str, Any] = {}
+            if kind == "expect":
+                expect = _expectation(file, where, tbl, reason)
+            rules.append(Rule(kind, i, cond, match, rule_tiers, reason, **expect))
     return Matrix(file, axes, tiers, tuple(rules))
+
+
+def _expectation(file: str, where: str, tbl: Mapping[str, Any], reason: str) -> dict[str, Any]:
+    """outcome/until/host of an [[expect]] rule, checked."""
+    outcome = tbl.get("outcome")
+    if outcome not in EXPECTABLE:
+        raise MatrixError(file, f"{where}.outcome", f"expected one of {list(EXPECTABLE)}, got {outcome!r}")
+    if not reason:
+        raise MatrixError(file, f"{where}.reason", "missing: say why these cells may skip or xfail")
+    until = tbl.get("until")
+    if until is not None:
+        if isinstance(until, str):
+            try:
+                until = datetime.date.fromisoformat(until)
+            except ValueError:
+                until = None
+        if not isinstance(until, datetime.date) or isinstance(until, datetime.datetime):
+            raise MatrixError(file, f"{where}.until", f"expected a date like 2027-01-31, got {tbl.get('until')!r}")
+    host = tbl.get("host")
+    if host is not None and host not in HOST_KINDS:
+        raise MatrixError(file, f"{where}.host", f"expected one of {list(HOST_KINDS)}, got {host!r}")
+    return {"outcome": outcome, "until": until, "host": host}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether a skip or xfail was declared: the rule that declares it, or why none does."""
+
+    rule: Rule | None
+    why: str
+
+
+def declared(matrix: Matrix, nodeid: str, coords: Mapping[str, str | None], outcome: str, *,
+             tier: str | None, host: str | None, today: datetime.date) -> Verdict:
+    """Is *outcome* (skip or xfail) of this cell declared by an [[expect]] rule of *matrix*?  Pure."""
+    lapsed = None
+    for rule in matrix.rules_of("expect"):
+        if rule.outcome != outcome or not rule.applies_to_tier(tier) or not rule.matches(nodeid, coords):
+            continue
+        if rule.host is not None and rule.host != host:
+            continue
+        if rule.until is not None and today > rule.until:
+            lapsed = rule
+            continue
+        return Verdict(rule, f"declared by expect[{rule.index}]: {rule.reason}")
+    if lapsed is not None:
+        return Verdict(None, f"expect[{lapsed.index}] lapsed on {lapsed.until}: {lapsed.reason}")
+    return Verdict(None, "no [[expect]] rule declares it")
 
 
 def load_matrix(path: Path | str) -> Matrix:
