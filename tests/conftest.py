@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -14,6 +15,11 @@ import pytest
 from harness.core import paths
 
 REPO = Path(__file__).resolve().parent.parent
+
+# A run started as a background job without job control inherits SIGINT ignored, and so would every harness
+# process the fault tests interrupt (they would never see their Ctrl-C): give the tests a normal SIGINT.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def qemu_pids_under(run_root: Path, owners: set[int] | None = None, *, orphans: bool = True) -> list[int]:
@@ -43,6 +49,25 @@ def qemu_pids_under(run_root: Path, owners: set[int] | None = None, *, orphans: 
                 continue  # someone else's harness
         found.append(int(entry.name))
     return found
+
+
+def setup_installs(ok: bool, what: str) -> pytest.MarkDecorator:
+    """For a test that needs what `scripts/setup` installs: when it is missing, the test FAILS (a broken setup
+    is not an unsupported host, and a skip would hide it)."""
+    return pytest.mark.nestbed_setup_ok if ok else pytest.mark.nestbed_broken_setup(what)
+
+
+@pytest.fixture(autouse=True)
+def _fail_on_broken_setup(request: pytest.FixtureRequest) -> None:
+    marker = request.node.get_closest_marker("nestbed_broken_setup")
+    if marker is not None:
+        pytest.fail(f"broken setup: {marker.args[0]} is missing; scripts/setup installs it (run: make setup)",
+                    pytrace=False)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "nestbed_broken_setup(what): scripts/setup should have installed WHAT")
+    config.addinivalue_line("markers", "nestbed_setup_ok: what scripts/setup installs is there")
 
 
 def pid_gone(pid: int, timeout: float = 10) -> bool:
