@@ -70,6 +70,17 @@ def cmd_images_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_images_inspect(args: argparse.Namespace) -> int:
+    from harness.images import inspect
+
+    result = inspect.inspect_disk(Path(args.file))
+    if args.json:
+        _print_json(result)
+    else:
+        print(inspect.render(result))
+    return 0
+
+
 def cmd_images_build(args: argparse.Namespace) -> int:
     from harness.images import store as images
 
@@ -175,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--refresh", action="store_true", help="ignore the verdict cached for this host boot")
     sp.set_defaults(func=cmd_probe)
 
-    ip = sub.add_parser("images", help="list or build images")
+    ip = sub.add_parser("images", help="list, build or inspect images")
     isub = ip.add_subparsers(dest="images_command", required=True, parser_class=_Parser)
     lp = isub.add_parser("list", help="every known image, whether built, and its paths")
     lp.add_argument("--json", action="store_true")
@@ -184,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("names", nargs="+", metavar="NAME")
     bp.add_argument("--force", action="store_true", help="rebuild even if cached")
     bp.set_defaults(func=cmd_images_build)
+    inp = isub.add_parser("inspect", help="what a disk image file is: format, sizes, partition table, firmware guess "
+                                          "(read only, any format QEMU reads)")
+    inp.add_argument("file", metavar="FILE")
+    inp.add_argument("--json", action="store_true")
+    inp.set_defaults(func=cmd_images_inspect)
 
     rp = sub.add_parser("run", help="boot IMAGE, run CMD in it, print its output, exit with its status",
                         usage="nestbed run [options] IMAGE -- CMD...")
