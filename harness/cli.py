@@ -134,6 +134,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_in_l1(args: argparse.Namespace) -> int:
+    from harness.tools import selfhost
+
+    if not args.command:
+        raise UsageError("in-l1: give the nestbed command to run inside the L1 after --, e.g. -- probe")
+    with selfhost.nestbed_in_l1(tuple(args.image or ["tiny-x86_64"])) as host:
+        print(f"nestbed: installed in the L1 in {host.install_seconds:.1f} s; running nestbed "
+              f"{' '.join(args.command)} there", file=sys.stderr)
+        result = host.nestbed(*args.command, timeout=args.timeout)
+    sys.stdout.write(result.stdout)
+    sys.stderr.write(result.stderr)
+    return result.exit_status
+
+
 def cmd_soak(args: argparse.Namespace) -> int:
     from harness.core.progress import StepProgress
     from harness.tools import soak
@@ -252,6 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
     from harness.reports import cli as report_cli  # `report` (run, merge, diff) and `matrix`: harness/reports/cli.py
 
     report_cli.add_parsers(sub, _Parser)
+
+    il = sub.add_parser("in-l1", help="run nestbed itself inside an L1 (a KVM host: on a TCG machine its KVM "
+                                      "comes from emulated SVM); wheels and images are carried in on a disk",
+                        usage="nestbed in-l1 [--image NAME]... [--timeout S] -- NESTBED-ARGS...")
+    il.add_argument("--image", action="append", metavar="NAME",
+                    help="an image to carry into the L1's cache (repeatable; default tiny-x86_64)")
+    il.add_argument("--timeout", type=float, default=900.0, metavar="S", help="limit for the inner command")
+    il.set_defaults(func=cmd_in_l1, command=None)
 
     sk = sub.add_parser("soak", help="repeat a scenario tier and report flaky tests (exit 1 if any test flaked "
                                      "or failed, or a run gave no results)")

@@ -376,11 +376,12 @@ done
 @contextlib.contextmanager
 def boot_l1(inner: list[str], *, log_dir: Path | None = None, image: str = L1_IMAGE,
             probe_inner: bool = True, extra_options: dict[str, Any] | None = None,
-            parent: L1Host | None = None) -> Iterator[L1Host]:
+            parent: L1Host | None = None, extra_drives: tuple[Drive, ...] = ()) -> Iterator[L1Host]:
     """Boot a host for nested guests with *inner* images attached; yield an :class:`L1Host`.
 
     With *parent*, the host itself runs inside that host (one level deeper: L2 as a
     hypervisor, its guests at L3); the parent must carry this host's image and *inner*.
+    *extra_drives* are attached too (level 1 only), e.g. a disk of files for the L1.
     """
     inner_images = [images.build(name) for name in inner]
     if probe_inner and "tiny-x86_64" not in inner:
@@ -404,7 +405,7 @@ def boot_l1(inner: list[str], *, log_dir: Path | None = None, image: str = L1_IM
         if img.disk is None:
             continue
         drives.append(Drive(img.disk, DiskFormat.RAW, read_only=True, serial=disk_serial(img)))
-    opts = dataclasses.replace(opts, extra_drives=tuple(drives))
+    opts = dataclasses.replace(opts, extra_drives=(*drives, *extra_drives))
     with boot(l1_image, options=opts, via="ssh", log_dir=log_dir) as g:
         host = L1Host(guest=g, l0_accel=l0_accel, l0_qemu=l0["qemu"].get("x86_64"),
                       inner_images={i.name: i for i in inner_images})

@@ -220,3 +220,15 @@ def test_readers_default_to_the_real_root() -> None:
     real = hostfacts.kvm_device()
     assert real["present"] is os.path.exists("/dev/kvm")
     assert real == hostfacts.kvm_device("/")
+
+
+def test_a_host_with_tcg_emulated_svm_does_not_try_32_bit_kvm() -> None:
+    from harness.hosts.probe import emulated_svm
+
+    l1 = {"cpu": {"model": "QEMU Virtual CPU version 2.5+", "svm": True, "vmx": False, "hypervisor": True}}
+    why = emulated_svm(l1)
+    assert why is not None and "invalid tss type" in why and "QEMU Virtual CPU version 2.5+" in why
+    for cpu in ({"model": "AMD EPYC 7B13", "svm": True, "hypervisor": False},
+                {"model": "AMD EPYC 7B13", "svm": True, "hypervisor": True},   # a real CPU passed through
+                {"model": "QEMU Virtual CPU version 2.5+", "svm": False, "hypervisor": True}):
+        assert emulated_svm({"cpu": cpu}) is None

@@ -33,7 +33,7 @@ from harness.hosts.hostfacts import (
 from harness.images import store as images
 from harness.vm.spec import Accel, Arch
 
-__all__ = ["cache_key", "cpu_facts", "decide", "host_facts", "kvm_device", "kvm_hint", "kvm_modules",
+__all__ = ["cache_key", "cpu_facts", "decide", "emulated_svm", "host_facts", "kvm_device", "kvm_hint", "kvm_modules",
            "l1_nested", "nested_capable", "probe", "qemu_version"]
 
 PROBE_VERSION = 3  # bump when the verdict's shape or wording changes
@@ -43,6 +43,21 @@ KVM_BOOT_DEADLINE = 15.0  # a tiny guest is ready in ~1 s under a working KVM
 KvmBoot = Callable[[Arch], tuple[bool, str]]
 """Boots a standard guest of an arch under KVM; (worked, what happened).  The guest layer has one
 (:func:`harness.guest.kvm_boot`): the probe decides, the caller supplies the boot."""
+
+
+def emulated_svm(facts: dict[str, Any]) -> str | None:
+    """Why a 32-bit KVM guest must not be tried here, or None (pure).
+
+    A host that is itself a QEMU guest with TCG's emulated SVM (CPU model "QEMU Virtual CPU", svm and
+    the hypervisor flag: an L1 on a TCG L0, nestbed run inside an L1) has a KVM that works for 64-bit
+    guests, but a 32-bit guest under it makes the QEMU below abort ("invalid tss type") and takes this
+    whole host down: the probe must not find that out by trying.
+    """
+    cpu = facts.get("cpu") or {}
+    if cpu.get("svm") and cpu.get("hypervisor") and str(cpu.get("model", "")).startswith("QEMU Virtual CPU"):
+        return (f"this host is a QEMU guest whose SVM is emulated by TCG (CPU {cpu['model']!r}): a 32-bit guest "
+                "under its KVM makes the QEMU below abort ('invalid tss type') and this host dies with it")
+    return None
 
 
 def kvm_boot_detail(exc: HarnessError) -> str:
@@ -184,14 +199,18 @@ def probe(*, kvm_boot: KvmBoot, refresh: bool = False) -> dict[str, Any]:
     def make(tmp: Path) -> None:
         facts = host_facts()
         boots: dict[str, tuple[bool, str]] = {}
+        hazard = emulated_svm(facts)
+        arches = [a for a in Arch if not (a is Arch.I386 and hazard)]
         if facts["kvm"]["openable"]:
-            for arch in Arch:
+            for arch in arches:
                 images.build(f"tiny-{arch.value}")
-            with concurrent.futures.ThreadPoolExecutor(len(Arch)) as pool:
-                futures = {arch.value: pool.submit(kvm_boot, arch) for arch in Arch}
+            with concurrent.futures.ThreadPoolExecutor(len(arches)) as pool:
+                futures = {arch.value: pool.submit(kvm_boot, arch) for arch in arches}
                 boots = {a: f.result() for a, f in futures.items()}
-        computed.update({**facts, "accel": decide(facts, boots),
-                         "probed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        accel = decide(facts, boots)
+        if hazard and facts["kvm"]["openable"]:
+            accel[Arch.I386.value] = {"chosen": "tcg", "reason": f"known failure, not tried: {hazard}"}
+        computed.update({**facts, "accel": accel, "probed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         write_atomic(tmp, json.dumps(computed, indent=2))
 
     # Parallel workers on an empty cache probe once: the others wait for the verdict and read it.
