@@ -219,6 +219,33 @@ def _reset_vs_reboot(runs: int, boot_cm: Callable[..., Any], what: str, accel: A
     return result
 
 
+@benchmark("kvm-host", slow=True)
+def bench_kvm_host(runs: int) -> dict[str, Any]:
+    """nestbed installed in an L1 and run there as level 0 (its KVM is TCG's emulated SVM, not hardware)."""
+    from harness.tools import selfhost
+
+    def timed(host: selfhost.SelfHosted, *argv: str) -> float:
+        started = time.monotonic()
+        r = host.nestbed(*argv, timeout=900)
+        if r.exit_status != 0:
+            raise HarnessError(f"bench kvm-host: nestbed {' '.join(argv)} in the L1 exited {r.exit_status}: "
+                               f"{r.stderr.strip()[-300:]}")
+        return time.monotonic() - started
+
+    with selfhost.nestbed_in_l1(("tiny-x86_64", "debian-x86_64")) as host:
+        kvm, tcg = _side_by_side(lambda: timed(host, "run", "--accel", "kvm", "tiny-x86_64", "--", "true"),
+                                 lambda: timed(host, "run", "--accel", "tcg", "tiny-x86_64", "--", "true"), runs)
+        result = _ratio("tiny_kvm", kvm, "tiny_tcg", tcg, None)
+        result["debian_ssh_kvm"] = _stats([timed(host, "run", "debian-x86_64", "--via", "ssh", "--", "true")
+                                           for _ in range(max(1, runs // 2))])
+        result["install_seconds"] = round(host.install_seconds, 1)
+    result["what"] = ("inside an L1 with nestbed installed from wheels (`nestbed in-l1`): `nestbed run tiny-x86_64 "
+                      "-- true` under that host's KVM vs under its TCG, interleaved, and `nestbed run debian-x86_64 "
+                      "--via ssh -- true` under its KVM; each timed from L0 around the SSH exec. The L1's KVM is "
+                      "TCG's emulated SVM on this machine, not hardware: figures are for the code path, not speed")
+    return result
+
+
 @benchmark("reset")
 def bench_reset(runs: int) -> dict[str, Any]:
     """debian-x86_64 over SSH: Guest.reset() (loadvm + serial resync + SSH reconnect) vs a reboot."""
