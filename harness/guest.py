@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from harness.errors import (
-    CapabilityMissing,
     CommandTimedOut,
     ConsoleTimeout,
     HarnessError,

@@ -6,6 +6,8 @@ checkout (``make setup`` installs them all) or from a wheel in someone else's pr
 
 from __future__ import annotations
 
+import shutil
+
 PACKAGES: dict[str, str] = {
     "qemu-system-x86_64": "qemu-system-x86",
     "qemu-system-i386": "qemu-system-x86",
@@ -25,6 +27,14 @@ PACKAGES: dict[str, str] = {
     "depmod": "kmod",
     "newuidmap": "uidmap",
 }
+
+
+def find(program: str) -> str:
+    """*program* as found on PATH, else in the sbin directories a non-root user's PATH lacks (mke2fs, sfdisk,
+    debugfs, mkfs.vfat live there); unchanged if it is a path or found nowhere (then the run says what to install)."""
+    if "/" in program:
+        return program
+    return shutil.which(program) or shutil.which(program, path="/usr/sbin:/sbin") or program
 
 
 def missing(program: str) -> str:

@@ -1,7 +1,8 @@
 """One way to run a host program: a timeout always, and a failure that says what, why and the output's tail.
 
-Used for every build, conversion and helper step (``qemu-img``, ``mke2fs``, ``mmdebstrap``, ...).  A program that
-is not installed names its Debian package (:mod:`harness.core.programs`).
+Used for every build, conversion and helper step (``qemu-img``, ``mke2fs``, ``mmdebstrap``, ...).  A program is
+found on PATH or in /usr/sbin and /sbin (a normal user's PATH lacks them); one that is not installed names its
+Debian package (:mod:`harness.core.programs`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def run(argv: list[str], *, timeout: float, what: str, error: type[HarnessError]
     failure's message ends with the last lines of the output, and *cause* may name a cause the
     user can act on in the headline.
     """
+    argv = [programs.find(argv[0]), *argv[1:]]
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env,
                               stdin=subprocess.DEVNULL)

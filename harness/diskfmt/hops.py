@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness.core import programs
 from harness.errors import HarnessError, UsageError
 from harness.vm.spec import DiskFormat
 
@@ -100,13 +101,14 @@ def parse_chain(text: str) -> list[Hop]:
 def run_tool(argv: list[str], timeout: float, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """Run a disk tool (qemu-img, qemu-io, debugfs, e2fsck); a missing tool or a timeout is a
     :class:`DiskFormatError`, a non-zero exit is the caller's to judge."""
+    argv = [programs.find(argv[0]), *argv[1:]]  # debugfs and e2fsck live in /usr/sbin
     try:
         return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
                               cwd=cwd)
     except subprocess.TimeoutExpired:
         raise DiskFormatError(f"{argv[0]} {argv[1]} did not finish within {timeout:g} s") from None
     except FileNotFoundError:
-        raise DiskFormatError(f"{argv[0]} not found (run: make setup)") from None
+        raise DiskFormatError(programs.missing(argv[0])) from None
 
 
 def qemu_img(*args: str, timeout: float = QEMU_IMG_TIMEOUT) -> subprocess.CompletedProcess[str]:

@@ -1,9 +1,10 @@
 """Full Debian images: mmdebstrap → customize → ext4 (``mke2fs -d``) → qcow2.
 
 No loop devices and no mounts: the root tree is customized as a directory and turned
-into a filesystem by ``mke2fs -d``.  Every image gets a fresh filesystem UUID and label
-(two disks labelled alike made the kernel mount the wrong root), and a fresh SSH host
-key, recorded in the manifest so clients pin it.
+into a filesystem by ``mke2fs -d`` (as a non-root user, inside a user namespace that gives
+the tree Debian's ownership: :mod:`harness.images.steps`).  Every image gets a fresh
+filesystem UUID and label (two disks labelled alike made the kernel mount the wrong root),
+and a fresh SSH host key, recorded in the manifest so clients pin it.
 
 Init modes:
 
@@ -25,7 +26,7 @@ from typing import Any
 
 from harness.errors import ImageBuildError
 from harness.images.recipes import InitMode, Recipe
-from harness.images.steps import Progress, mmdebstrap, resolved_versions, run_step
+from harness.images.steps import Progress, add_devices, as_tree_owner, mmdebstrap, remove_tree, resolved_versions, run_step, sbin
 from harness.transport import keys
 
 BASE_PACKAGES = ["openssh-server", "iproute2", "kmod", "procps", "coreutils", "netbase"]
@@ -207,28 +208,32 @@ def build_debian(recipe: Recipe, work: Path, say: Progress) -> dict[str, Any]:
     if recipe.init is InitMode.SYSTEMD:
         include += SYSTEMD_PACKAGES
     say(f"mmdebstrap {recipe.suite} ({recipe.arch.debian}): {len(include)} packages and their dependencies")
-    mmdebstrap(recipe, root, variant="minbase", include=include, work=work,
-               extra=["--dpkgopt=path-exclude=/usr/share/{doc,man,locale,info}/*",
-                      "--dpkgopt=path-include=/usr/share/locale/locale.alias"])
-    versions = resolved_versions(root)
-    shutil.rmtree(root / "var/cache/apt/archives", ignore_errors=True)
-    (root / "var/cache/apt/archives/partial").mkdir(parents=True, exist_ok=True)
-    kernels = sorted(glob.glob(str(root / "boot/vmlinuz-*")))
-    initrds = sorted(glob.glob(str(root / "boot/initrd.img-*")))
-    if not kernels or not initrds:
-        raise ImageBuildError(f"{recipe.name}: the tree has no /boot/vmlinuz-* or /boot/initrd.img-* "
-                              f"(is {recipe.kernel!r} a kernel package?)")
-    shutil.copy(kernels[-1], work / "vmlinuz")
-    shutil.copy(initrds[-1], work / "initrd.img")
-    say("customizing: keys, init, network")
-    fs_uuid = str(uuid.uuid4())
-    facts = customize(root, recipe, fs_uuid)
-    say(f"making the ext4 filesystem ({recipe.disk_size}) and the qcow2 disk")
-    raw = work / "disk.raw"
-    label = f"nb-{fs_uuid[:8]}"
-    run_step(["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(root), "-L", label, "-U", fs_uuid,
-              str(raw), recipe.disk_size], timeout=600, what="mke2fs")
-    shutil.rmtree(root)
+    devices = mmdebstrap(recipe, root, variant="minbase", include=include, work=work,
+                         extra=["--dpkgopt=path-exclude=/usr/share/{doc,man,locale,info}/*",
+                                "--dpkgopt=path-include=/usr/share/locale/locale.alias"])
+    try:
+        versions = resolved_versions(root)
+        remove_tree(root / "var/cache/apt/archives")
+        (root / "var/cache/apt/archives/partial").mkdir(parents=True, exist_ok=True)
+        kernels = sorted(glob.glob(str(root / "boot/vmlinuz-*")))
+        initrds = sorted(glob.glob(str(root / "boot/initrd.img-*")))
+        if not kernels or not initrds:
+            raise ImageBuildError(f"{recipe.name}: the tree has no /boot/vmlinuz-* or /boot/initrd.img-* "
+                                  f"(is {recipe.kernel!r} a kernel package?)")
+        shutil.copy(kernels[-1], work / "vmlinuz")
+        shutil.copy(initrds[-1], work / "initrd.img")
+        say("customizing: keys, init, network")
+        fs_uuid = str(uuid.uuid4())
+        facts = customize(root, recipe, fs_uuid)
+        say(f"making the ext4 filesystem ({recipe.disk_size}) and the qcow2 disk")
+        raw = work / "disk.raw"
+        label = f"nb-{fs_uuid[:8]}"
+        # As a non-root user, in the namespace where the tree has Debian's ownership (harness.images.steps).
+        run_step(as_tree_owner([sbin("mke2fs"), "-q", "-F", "-t", "ext4", "-d", str(root), "-L", label,
+                                "-U", fs_uuid, str(raw), recipe.disk_size]), timeout=600, what="mke2fs")
+    finally:
+        remove_tree(root)  # not left for the cache's cleanup: as a non-root user it holds subordinate ids' files
+    add_devices(raw, devices)
     run_step(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(work / "disk.qcow2")],
              timeout=600, what="qemu-img convert")
     raw.unlink()

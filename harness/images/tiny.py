@@ -1,7 +1,8 @@
 """Tiny guests: a Debian kernel and a busybox initramfs with a root shell on ttyS0.
 
 Built from Debian packages with ``mmdebstrap --variant=extract`` (no dpkg
-architecture is added to the host: mmdebstrap fetches foreign-arch packages itself).
+architecture is added to the host: mmdebstrap fetches foreign-arch packages itself; as a
+non-root user in its unshare mode, :mod:`harness.images.steps`).
 The initramfs is written by :func:`write_cpio` in the kernel's ``newc`` format, so no
 staging directory, root rights or cpio tool are needed.
 """
@@ -18,7 +19,7 @@ from typing import Any
 
 from harness.errors import ImageBuildError
 from harness.images.recipes import Recipe
-from harness.images.steps import Progress, mmdebstrap, resolved_versions
+from harness.images.steps import Progress, mmdebstrap, remove_tree, resolved_versions
 
 # The init of every tiny guest.  Kernel messages are cut to emergencies (panics still
 # show) so command output on the console stays clean; echo and CR/LF translation are
@@ -107,13 +108,15 @@ def build_tiny(recipe: Recipe, work: Path, say: Progress) -> dict[str, Any]:
     say(f"fetching {recipe.kernel} and busybox-static ({recipe.arch.debian}) with mmdebstrap")
     mmdebstrap(recipe, root, variant="extract", include=[recipe.kernel, "busybox-static", *recipe.packages],
                work=work)
-    kernel = find_one(root, "boot/vmlinuz-*", recipe.name)
-    busybox = find_one(root, "bin/busybox", recipe.name)
-    shutil.copy(kernel, work / "vmlinuz")
-    say("writing the busybox initramfs")
-    write_cpio(work / "initrd.img", tiny_initramfs(busybox.read_bytes(), files=recipe.files))
-    versions = resolved_versions(root)
-    shutil.rmtree(root)
+    try:
+        kernel = find_one(root, "boot/vmlinuz-*", recipe.name)
+        busybox = find_one(root, "bin/busybox", recipe.name)
+        shutil.copy(kernel, work / "vmlinuz")
+        say("writing the busybox initramfs")
+        write_cpio(work / "initrd.img", tiny_initramfs(busybox.read_bytes(), files=recipe.files))
+        versions = resolved_versions(root)
+    finally:
+        remove_tree(root)  # not left for the cache's cleanup: as a non-root user it holds subordinate ids' files
     return {
         "files": {"kernel": "vmlinuz", "initrd": "initrd.img"},
         "kernel_release": kernel.name.removeprefix("vmlinuz-"),
