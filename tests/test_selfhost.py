@@ -17,7 +17,7 @@ slow_boot = [pytest.mark.boot, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def kvm_host() -> Iterator[selfhost.SelfHosted]:
-    with selfhost.nestbed_in_l1(("tiny-x86_64",)) as host:
+    with selfhost.nestbed_in_l1(("tiny-x86_64", "debian-x86_64")) as host:
         yield host
 
 
@@ -46,6 +46,14 @@ def test_a_tiny_guest_runs_under_the_hosts_kvm(kvm_host: selfhost.SelfHosted) ->
     assert time.monotonic() - started < 300
     r = kvm_host.nestbed("run", "--accel", "kvm", "tiny-x86_64", "--", "uname", "-m", timeout=600)
     assert (r.exit_status, r.stdout.strip()) == (0, "x86_64"), r.stderr
+
+
+@slow_boot[0]
+@slow_boot[1]
+def test_debian_over_ssh_runs_under_the_hosts_kvm(kvm_host: selfhost.SelfHosted) -> None:
+    r = kvm_host.nestbed("run", "debian-x86_64", "--via", "ssh", "--", "cat",
+                         "/sys/devices/system/clocksource/clocksource0/current_clocksource", timeout=900)
+    assert (r.exit_status, r.stdout.strip()) == (0, "kvm-clock"), r.stderr
 
 
 def test_an_installed_nestbed_refuses_to_build_a_wheel_without_a_checkout(monkeypatch: pytest.MonkeyPatch,
