@@ -69,3 +69,16 @@ def test_measure_hops_shape(tmp_path: Path) -> None:
     assert "hops: raw -> vmdk" in bench.render_text(_results("hops", r))
     with pytest.raises(UsageError, match="at least 5"):
         bench.measure_hops(source, "raw", runs=3)
+
+
+def test_bench_help_names_every_benchmark(monkeypatch: pytest.MonkeyPatch) -> None:
+    from harness.cli import build_parser
+
+    monkeypatch.setenv("COLUMNS", "2000")  # no line wrapping inside a name
+    from harness.tools.bench import BENCHMARKS
+
+    sub = next(a for a in build_parser()._actions if getattr(a, "choices", None) and "bench" in a.choices)
+    text = sub.choices["bench"].format_help().replace("\n", " ")
+    text = " ".join(text.split())
+    missing = [n for n in BENCHMARKS if n not in text]
+    assert not missing, f"nestbed bench --help does not name {missing}"
