@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -98,15 +99,76 @@ def tiny_images() -> None:
         images.build(name)
 
 
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if hasattr(session.config, "workerinput"):
-        return  # xdist workers: the controller checks once all of them are done
-    leaked = qemu_pids_under(paths.run_root(), owners={os.getpid()})
+# -- the leak check ----------------------------------------------------------------------------------
+#
+# Each pytest process checks its own QEMUs (those whose run directory names its PID as owner) at its
+# own sessionfinish: a plain run, and each xdist worker (whose QEMUs PR_SET_PDEATHSIG would kill the
+# moment it exits, before a controller could look).  A worker hands what it found to the controller
+# in its workeroutput, and the controller fails the run.  QEMUs of harness subprocesses that tests
+# start (and kill on purpose) belong to those processes' PIDs: not counted here.
+
+LEAKS = "nestbed_leaked_qemus"  # workeroutput key: [[pid, name], ...]
+_RUN_ROOTS = pytest.StashKey[set[Path]]()
+_WORKER_LEAKS = pytest.StashKey[dict[str, list[list[object]]]]()
+
+
+def qemu_name(pid: int) -> str:
+    """The ``-name`` of QEMU *pid*'s command line (without its ``,debug-threads=on``), or ``?``."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    if b"-name" in argv[:-1]:
+        return argv[argv.index(b"-name") + 1].split(b",")[0].decode(errors="replace")
+    return "?"
+
+
+def own_qemus(run_roots: set[Path]) -> list[tuple[int, str]]:
+    """(PID, -name) of each live QEMU whose run directory (under one of *run_roots*) this process owns."""
+    me = os.getpid()
+    pids = sorted({pid for root in run_roots for pid in qemu_pids_under(root, owners={me}, orphans=False)})
+    return [(pid, qemu_name(pid)) for pid in pids]
+
+
+def describe_leaks(leaks: list[tuple[int, str]]) -> str:
+    return ", ".join(f"{pid} (-name {name})" for pid, name in leaks)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_RUN_ROOTS] = {paths.run_root()}
+    session.config.stash[_WORKER_LEAKS] = {}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """xdist controller: collect what a finished worker's own leak check found."""
+    leaked = getattr(node, "workeroutput", {}).get(LEAKS)
     if leaked:
-        for pid in leaked:
-            try:
-                os.kill(pid, 9)
-            except OSError:
-                pass
+        gateway = getattr(node, "gateway", None)
+        node.config.stash.setdefault(_WORKER_LEAKS, {})[str(getattr(gateway, "id", node))] = leaked
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    config = session.config
+    roots = config.stash.get(_RUN_ROOTS, set()) | {paths.run_root()}  # the cache dir may have changed
+    leaked = own_qemus(roots)
+    for pid, _name in leaked:
+        try:
+            os.kill(pid, 9)
+        except OSError:
+            pass
+    worker = getattr(config, "workerinput", None)
+    if worker is not None:
+        if leaked:
+            config.workeroutput[LEAKS] = [[pid, name] for pid, name in leaked]  # type: ignore[attr-defined]
+            session.exitstatus = 1
+        return  # the controller reports it (a worker's output is not shown)
+    lines = []
+    if leaked:
+        lines.append(f"pytest pid {os.getpid()}: {describe_leaks(leaked)}")
+    for gw, found in sorted(config.stash.get(_WORKER_LEAKS, {}).items()):
+        lines.append(f"worker {gw}: {describe_leaks([(int(str(p)), str(n)) for p, n in found])}")
+    if lines:
         session.exitstatus = 1
-        print(f"\nFAILED: QEMU processes outlived the tests (killed now): {leaked}", file=sys.stderr)
+        print("\nFAILED: QEMU processes outlived the tests (killed now):\n  " + "\n  ".join(lines),
+              file=sys.stderr)

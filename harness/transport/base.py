@@ -114,6 +114,7 @@ class SerialTransport(TransportBase):
     def __init__(self, machine: Machine) -> None:
         self.machine = machine
         self.broken: str | None = None
+        self.resends = 0  # output blocks asked for again after a corrupted one (since this transport was made)
 
     def run(self, cmd: str, *args: str, timeout: float = DEFAULT_TIMEOUT) -> CommandResult:
         if self.broken:
@@ -142,7 +143,10 @@ class SerialTransport(TransportBase):
                 err = self._block(tok, "E", deadline)
                 if out is not None and err is not None:
                     break
-                self.machine.send(self._dump(tok, files) + "\n")
+                self.resends += 1
+                # On a fresh line: the shell's prompt comes out before a resend's first base64 line, and a
+                # line that is not pure base64 is dropped (the MD5 of the resend would never match).
+                self.machine.send("printf '\\n'; " + self._dump(tok, files) + "\n")
             else:
                 raise TransportError(f"output of {command!r} arrived corrupted {self.RESEND_ATTEMPTS} times")
         except ConsoleTimeout as exc:
