@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.core import programs
+from harness.core.run import run
 from harness.errors import HarnessError, UsageError
 from harness.vm.spec import DiskFormat
 
@@ -101,14 +101,7 @@ def parse_chain(text: str) -> list[Hop]:
 def run_tool(argv: list[str], timeout: float, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """Run a disk tool (qemu-img, qemu-io, debugfs, e2fsck); a missing tool or a timeout is a
     :class:`DiskFormatError`, a non-zero exit is the caller's to judge."""
-    argv = [programs.find(argv[0]), *argv[1:]]  # debugfs and e2fsck live in /usr/sbin
-    try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
-                              cwd=cwd)
-    except subprocess.TimeoutExpired:
-        raise DiskFormatError(f"{argv[0]} {argv[1]} did not finish within {timeout:g} s") from None
-    except FileNotFoundError:
-        raise DiskFormatError(programs.missing(argv[0])) from None
+    return run(argv, timeout=timeout, what=" ".join(argv[:2]), error=DiskFormatError, cwd=cwd, check=False)
 
 
 def qemu_img(*args: str, timeout: float = QEMU_IMG_TIMEOUT) -> subprocess.CompletedProcess[str]:

@@ -20,6 +20,7 @@ from typing import Any
 
 from harness.core import paths
 from harness.core.progress import PROGRESS_FILE, Event
+from harness.core.run import run
 from harness.errors import HarnessError, UsageError, headline
 from harness.reports import matrix as mx
 from harness.reports import model as rp
@@ -80,10 +81,8 @@ def collect_cells(matrix_path: Path, tier: str) -> dict[str, Any]:
         argv = [sys.executable, "-m", "pytest", str(SCENARIOS), "--rootdir", str(SCENARIOS.parent), "--collect-only", "-q",
                 "-p", "no:cacheprovider", "--nestbed-matrix", str(matrix_path), "--nestbed-tier", tier,
                 "--nestbed-list-cells", str(listing)]
-        try:
-            proc = subprocess.run(argv, cwd=SCENARIOS.parent, capture_output=True, text=True, timeout=COLLECT_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            raise HarnessError(f"matrix: collecting the scenarios took over {COLLECT_TIMEOUT:.0f} s") from None
+        proc = run(argv, cwd=SCENARIOS.parent, timeout=COLLECT_TIMEOUT, what="matrix: collecting the scenarios",
+                   check=False)
         if not listing.is_file():
             errors = [ln for ln in (proc.stderr + proc.stdout).splitlines() if "rror" in ln] or ["no output"]
             raise HarnessError(f"matrix: collecting the scenarios failed (pytest exit {proc.returncode}): {errors[0]}")

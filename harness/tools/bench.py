@@ -63,12 +63,8 @@ def _stats(samples: list[float]) -> dict[str, Any]:
 
 def _timed(argv: list[str]) -> float:
     started = time.monotonic()
-    proc = subprocess.run(argv, capture_output=True, timeout=RUN_TIMEOUT, stdin=subprocess.DEVNULL, cwd=SCENARIO_ROOT)
-    elapsed = time.monotonic() - started
-    if proc.returncode != 0:
-        raise HarnessError(f"bench: {' '.join(argv[:6])}... exited {proc.returncode}: "
-                           f"{proc.stderr.decode(errors='replace').strip()[-300:]}")
-    return elapsed
+    run(argv, timeout=RUN_TIMEOUT, what=f"bench: {' '.join(argv[:6])}...", cwd=SCENARIO_ROOT)
+    return time.monotonic() - started
 
 
 T = TypeVar("T")
@@ -356,11 +352,8 @@ def measure_hops(source: Path, chain: str | list[Hop], *, runs: int = 5, workdir
             return time.monotonic() - t, _child_cpu() - cpu
 
         def bare() -> None:
-            proc = subprocess.run(diskfmt.convert_argv(src, src_fmt, dst, hop), capture_output=True,
-                                  timeout=diskfmt.QEMU_IMG_TIMEOUT, stdin=subprocess.DEVNULL)
-            if proc.returncode != 0:
-                raise diskfmt.DiskFormatError(f"bare qemu-img convert to {hop.label} failed: "
-                                              f"{diskfmt.last_line(proc.stderr.decode(errors='replace'))}")
+            run(diskfmt.convert_argv(src, src_fmt, dst, hop), timeout=diskfmt.QEMU_IMG_TIMEOUT,
+                what=f"bare qemu-img convert to {hop.label}", error=diskfmt.DiskFormatError)
 
         xs, ys = _side_by_side(lambda: timed(bare), lambda: timed(lambda: diskfmt.convert(src, src_fmt, dst, hop)),
                                runs)
@@ -436,8 +429,8 @@ def _bench_dir() -> Path:
 
 def generic_kernel() -> tuple[Path, str]:
     """Debian's generic amd64 kernel (image and its modules) unpacked into the cache; (vmlinuz, release)."""
-    deps = subprocess.run(["apt-cache", "depends", GENERIC_KERNEL_META], capture_output=True, text=True,
-                          timeout=60)
+    deps = run(["apt-cache", "depends", GENERIC_KERNEL_META], timeout=60, what="bench: apt-cache depends",
+               check=False)
     pkg = next((ln.split(":", 1)[1].strip() for ln in deps.stdout.splitlines()
                 if ln.strip().startswith("Depends:") and "linux-image-" in ln), None)
     if deps.returncode != 0 or not pkg:
@@ -450,9 +443,9 @@ def generic_kernel() -> tuple[Path, str]:
     def make(stage: Path) -> None:
         with tempfile.TemporaryDirectory(prefix=".kernel-", dir=_bench_dir()) as tmp:
             # apt-get download as root warns that _apt cannot write here: harmless.
-            subprocess.run(["apt-get", "download", "-q", pkg], cwd=tmp, check=True, capture_output=True, timeout=600)
+            run(["apt-get", "download", "-q", pkg], cwd=Path(tmp), timeout=600, what=f"bench: downloading {pkg}")
             deb = next(Path(tmp).glob("*.deb"))
-            subprocess.run(["dpkg-deb", "-x", str(deb), str(stage)], check=True, capture_output=True, timeout=300)
+            run(["dpkg-deb", "-x", str(deb), str(stage)], timeout=300, what=f"bench: unpacking {deb.name}")
 
     publish(root, make, what=f"generic kernel {release}", exists=lambda _r: vmlinuz.is_file())
     return vmlinuz, release
@@ -470,13 +463,9 @@ def virtme_ng() -> Path:
         # A venv's scripts name their interpreter by absolute path, so it is built in place (under
         # the marker's lock) and the marker is published last: an interrupted install is redone.
         shutil.rmtree(venv, ignore_errors=True)
-        try:
-            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=120)
-            subprocess.run([str(venv / "bin" / "pip"), "install", "-q", f"virtme-ng=={VNG_VERSION}"], check=True,
-                           capture_output=True, timeout=600)
-        except subprocess.CalledProcessError as exc:
-            raise HarnessError(f"bench: cannot install virtme-ng {VNG_VERSION} into {venv}: "
-                               f"{exc.stderr.decode(errors='replace').strip()[-300:]}") from None
+        what = f"bench: installing virtme-ng {VNG_VERSION} into {venv}"
+        run([sys.executable, "-m", "venv", str(venv)], timeout=120, what=what)
+        run([str(venv / "bin" / "pip"), "install", "-q", f"virtme-ng=={VNG_VERSION}"], timeout=600, what=what)
         write_atomic(tmp, VNG_VERSION)
 
     publish(done, make, what=f"virtme-ng {VNG_VERSION}")
