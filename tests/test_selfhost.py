@@ -64,3 +64,14 @@ def test_an_installed_nestbed_refuses_to_build_a_wheel_without_a_checkout(monkey
     monkeypatch.setattr(paths, "PACKAGE_DIR", tmp_path / "site-packages" / "harness")
     with pytest.raises(UsageError, match="installed from a wheel"):
         selfhost.source_tree()
+
+
+@slow_boot[0]
+@slow_boot[1]
+def test_a_level_2_run_from_inside_takes_the_kvm_branch_of_l1_options() -> None:
+    """Inside the L1, `nestbed run --level 2` boots an l1-host under that host's KVM with `-cpu host` (the KVM
+    branch of l1_options), probes it, and runs a tiny guest under *its* KVM: an L3 of this machine."""
+    with selfhost.nestbed_in_l1(("tiny-x86_64", "l1-host")) as host:
+        r = host.nestbed("run", "tiny-x86_64", "--level", "2", "--", "cat",
+                         "/sys/devices/system/clocksource/clocksource0/current_clocksource", timeout=2400)
+    assert (r.exit_status, r.stdout.strip()) == (0, "kvm-clock"), r.stderr[-2000:]
