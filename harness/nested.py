@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.core import paths
-from harness.core.publish import DISCARD, publish, write_atomic
+from harness.core.publish import DISCARD, publish, scratch_name, write_atomic
 from harness.errors import HarnessError, LaunchError, TransportError, headline
 from harness.guest import BootOptions, Guest, boot, probe_host
 from harness.hosts import probe
@@ -120,7 +120,7 @@ def payload_disk(inner: list[Image]) -> Path:
     target = root / f"payload-{key}.img"
 
     def make(tmp: Path) -> None:
-        stage = tmp.with_name(tmp.name + ".stage")  # private to this builder, like tmp
+        stage = scratch_name(tmp, "stage")  # private to this builder; swept if it dies
         stage.mkdir(mode=0o700)
         try:
             total = 0

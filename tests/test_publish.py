@@ -88,8 +88,10 @@ def test_debris_of_a_dead_builder_is_swept(cache: Path) -> None:
     target = cache / "a.img"
     dead = cache / ".a.img.99999-deadbeef.part"
     dead.mkdir()
+    stage = publish.scratch_name(dead, "stage")  # a dead builder's staging directory
+    stage.mkdir()
     publish.publish(target, _write("x"), what="a")
-    assert not dead.exists() and target.read_text() == "x"
+    assert not dead.exists() and not stage.exists() and target.read_text() == "x"
 
 
 def test_a_builder_that_writes_nothing_is_an_error(cache: Path) -> None:

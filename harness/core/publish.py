@@ -49,6 +49,11 @@ if TYPE_CHECKING:
     from filelock import FileLock
 
 
+def scratch_name(tmp: Path, what: str) -> Path:
+    """A second private name beside *tmp* (a builder's staging directory) that the stale sweep also finds."""
+    return tmp.with_name(f"{tmp.name.removesuffix('.part')}.{what}.part")
+
+
 def lock_for(target: Path) -> FileLock:
     from filelock import FileLock  # here: `python3 -S -m harness matrix` runs on the standard library alone
 

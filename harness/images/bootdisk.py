@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness.core.publish import publish, write_atomic
+from harness.core.publish import publish, scratch_name, write_atomic
 from harness.errors import CapabilityMissing, ImageBuildError, ImageNotBuilt, SetupMissing, UsageError
 from harness.images.recipes import Kind
 from harness.images.steps import run_step
@@ -344,7 +344,7 @@ def build(image: Image, *, progress: Progress | None = None) -> BootDisk:
         for stale in (*image.dir.glob(".bootdisk-*"), *image.dir.glob("bootdisk-*")):
             if not stale.name.startswith(f"bootdisk-{disk.key}."):
                 shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
-        work = tmp.with_name(tmp.name + ".work")  # private to this builder, like tmp
+        work = scratch_name(tmp, "work")  # private to this builder; swept if it dies
         work.mkdir(mode=0o700)
         try:
             info = _assemble(image, disk, work, say)

@@ -19,6 +19,7 @@ import shlex
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,8 +139,6 @@ class SelfHosted:
 def nestbed_in_l1(image_names: tuple[str, ...] = ("tiny-x86_64",), *, log_dir: Path | None = None
                   ) -> Iterator[SelfHosted]:
     """Boot ``kvm-host`` as an L1 with nestbed installed in it and *image_names* in its cache."""
-    import time
-
     disk = carry_disk(list(image_names))
     with boot_l1([], image=HOST_IMAGE, probe_inner=False, log_dir=log_dir,
                  extra_drives=(Drive(disk, DiskFormat.RAW, read_only=True, serial=CARRY_SERIAL),)) as l1:
