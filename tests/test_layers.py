@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("harness.transport",),
     ("harness.images",),
     ("harness.hosts",),
-    ("harness.guest", "harness.guestfacts"),
+    ("harness.guest", "harness.guestfacts", "harness.warmstart"),
     ("harness.nested",),
     ("harness.diskfmt", "harness.reports"),
     ("harness.tools",),

@@ -149,8 +149,12 @@ class Machine:
     """
 
     def __init__(self, spec: MachineSpec, *, log_dir: Path | None = None, level: int = 1,
-                 qmp: bool = True, token: str | None = None) -> None:
+                 qmp: bool = True, token: str | None = None, incoming: Path | None = None,
+                 log_note: str | None = None) -> None:
         self.spec = spec
+        # A saved state (harness/vm/migrate.py) this QEMU starts from instead of booting.
+        self.incoming = incoming
+        self.log_note = log_note  # the serial log's first line, e.g. "restored from a saved state"
         self.level = level
         self.use_qmp = qmp
         self.log_dir = log_dir
@@ -207,6 +211,8 @@ class Machine:
         self.serial_log_path = self.log_dir / f"{self.spec.name}-serial.log"
         self.stderr_path = self.log_dir / f"{self.spec.name}-qemu.stderr"
         self._serial_log = open_log(self.serial_log_path)
+        if self.log_note:
+            self._serial_log.write(f"[nestbed] {self.log_note}\n".encode())
 
     def _launch(self) -> None:
         """Start QEMU on this host with socketpairs for serial and QMP."""
@@ -216,11 +222,13 @@ class Machine:
         qmp_ours = qmp_qemu = None
         if self.use_qmp:
             qmp_ours, qmp_qemu = socket.socketpair()
+        state_fd = os.open(self.incoming, os.O_RDONLY) if self.incoming is not None else None
         try:
             endpoints = Endpoints(
                 serial=Chardev(fd=ser_qemu.fileno()),
                 qmp=Chardev(fd=qmp_qemu.fileno()) if qmp_qemu else None,
                 pidfile=self.run_dir / "qemu.pid",
+                extra=("-incoming", f"fd:{state_fd}") if state_fd is not None else (),
             )
             self.argv = build_argv(self.resolved, endpoints)
             if shutil.which(self.argv[0]) is None:
@@ -231,7 +239,8 @@ class Machine:
             try:
                 self.proc = subprocess.Popen(
                     self.argv, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
-                    pass_fds=[s.fileno() for s in (ser_qemu, qmp_qemu) if s is not None],
+                    pass_fds=[s.fileno() for s in (ser_qemu, qmp_qemu) if s is not None]
+                    + ([state_fd] if state_fd is not None else []),
                     preexec_fn=_set_pdeathsig, close_fds=True,
                 )
             finally:
@@ -241,6 +250,8 @@ class Machine:
             ser_qemu.close()
             if qmp_qemu is not None:
                 qmp_qemu.close()
+            if state_fd is not None:
+                os.close(state_fd)
         self._attach(ser_ours, qmp_ours)
 
     def _attach(self, serial: Any, qmp: socket.socket | None) -> None:
@@ -318,6 +329,27 @@ class Machine:
         if self.stderr_path and self.stderr_path.exists():
             return self.stderr_path.read_bytes().decode("utf-8", "replace")
         return ""
+
+    def screendump(self, path: Path, *, timeout: float = QMP_TIMEOUT) -> Path:
+        """Save what the guest's VGA screen shows now (QMP ``screendump``); the file written.
+
+        PNG when this QEMU can (``format=png``, QEMU 7.1 and later with libpng): *path* with a ``.png``
+        suffix; otherwise PPM, the format every QEMU writes, with ``.ppm``.  Needs a VGA device
+        (``MachineSpec.vga``) and QMP; the file is written by QEMU itself, so it must be on QEMU's host.
+        """
+        self._require(Runstate.RUNNING)
+        if self.qmp is None:
+            raise MachineStateError(f"machine {self.spec.name!r} has no QMP connection: no screendump")
+        self.qmp.settimeout(timeout)
+        png = path.with_suffix(".png")
+        try:
+            self.qmp.cmd("screendump", filename=str(png), format="png")
+            return png
+        except Exception as exc:  # noqa: BLE001 - an older QEMU refuses the argument: fall back to PPM
+            log.info("screendump as PNG failed (%s); writing PPM", exc)
+        ppm = path.with_suffix(".ppm")
+        self.qmp.cmd("screendump", filename=str(ppm))
+        return ppm
 
     def raise_exited(self, why: str, cause: BaseException | None = None) -> NoReturn:
         """Raise the typed error for a QEMU that is gone (or going)."""

@@ -1,0 +1,298 @@
+"""Warm start: a guest restored from the state it had at its ready marker, instead of booted.
+
+The first boot of an image in a given machine shape runs as before, with one difference: its
+root disk is a private writable qcow2 overlay (not ``snapshot=on``), so that when the ready
+marker arrives nestbed can stop the guest, save its RAM and device state to a file
+(:func:`harness.vm.migrate.save_to_file`), copy the overlay beside it as the state's read-only
+disk, and let the guest run on.  That pair is published in ``<cache>/warm/<key>/`` with the
+atomic-publish helper.  Every later boot of the same shape starts QEMU with ``-incoming`` on
+that file and a fresh overlay over that disk: the guest runs on from its ready marker.
+
+**The key** (:func:`state_key`) is a hash of everything that shapes the saved state: QEMU's
+argv for the machine (CPU model and flags, memory, vCPUs, machine type, firmware, accel,
+devices, kernel command line) with the per-launch parts taken out (serial and QMP descriptors,
+forwarded host ports, the ready token, the root overlay's path), the QEMU binary (path, size,
+mtime), and every file the argv names (kernel, initrd, disks: path, size, mtime, inode).  A
+rebuilt image, another QEMU or another shape is another key; a state is never loaded across
+a mismatch.
+
+**After a restore** (:func:`settle`), typed on the serial console in one line: the wall clock is
+set to the host's (the saved one is minutes or days old), fresh random bytes from the host are
+mixed into the guest's pool and, where the image has perl or python3, the kernel is told to
+reseed at once (``RNDRESEEDCRNG``); a busybox-only image reseeds at the kernel's next interval.
+The serial log's first line says the guest was restored, from which state.  SSH host keys are
+the image's own, pinned as for a booted guest.
+
+**When a restore fails** (QEMU refuses the stream, the guest does not answer), the state is
+removed, the reason is logged, and the guest boots as before; the caller sees a booted guest.
+
+Not warm-started: boots asked not to (``BootOptions(warm_start=False)``,
+``--nestbed-no-warm-start``, ``NESTBED_WARM_START=0``), firmware boots and boots from a given
+root disk (booting is what those verify), guests inside an L1 (their state would live in the
+L1), guests without QMP, and machines with a writable disk other than the root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.core import paths
+from harness.core.publish import lock_for, publish, write_atomic
+from harness.core.run import run
+from harness.errors import CacheError, HarnessError, RestoreError
+from harness.images.store import Image
+from harness.vm import migrate
+from harness.vm.machine import Machine
+from harness.vm.spec import Chardev, DiskFormat, Drive, Endpoints, Forward, MachineSpec, build_argv, resolve_ports
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1  # bump when what a state holds, or how it is loaded, changes
+ENV = "NESTBED_WARM_START"
+ROOT_SERIAL = "nestbed-root"
+SETTLE_TIMEOUT = 30.0
+CAPTURE_LOCK_WAIT = 0.5  # another process capturing the same shape: let it, and run on cold
+RESEED = ("perl -e 'open(F,\"<\",\"/dev/urandom\") and ioctl(F,0x5207,0)' 2>/dev/null || "
+          "python3 -c 'import fcntl;fcntl.ioctl(open(\"/dev/urandom\"),0x5207)' 2>/dev/null")
+
+_default: bool | None = None
+
+
+def set_default(enabled: bool | None) -> None:
+    """Turn warm start on or off for boots that do not say (the plugin's ``--nestbed-no-warm-start``)."""
+    global _default
+    _default = enabled
+
+
+def enabled(requested: bool | None) -> bool:
+    """Whether a boot that asked for *requested* (None: no preference) is warm-started."""
+    if requested is not None:
+        return requested
+    if _default is not None:
+        return _default
+    return os.environ.get(ENV, "1").strip().lower() not in ("0", "no", "off", "false")
+
+
+def warm_root() -> Path:
+    return paths.private_dir(paths.cache_root() / "warm")
+
+
+@dataclass
+class Plan:
+    """How one eligible boot goes: restored from *state*, or booted and captured into *key*."""
+
+    key: str
+    spec: MachineSpec  # the spec to launch (root disk already on this boot's overlay)
+    token: str
+    overlay_dir: Path
+    state: Path | None = None  # the published state directory, when restoring
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def restoring(self) -> bool:
+        return self.state is not None
+
+    def note(self) -> str | None:
+        if self.state is None:
+            return None
+        return (f"restored from a saved state (warm start {self.key}, saved {self.meta.get('saved_at', '?')} "
+                f"at {self.meta.get('ready_seconds', '?')} s after launch), not booted")
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.overlay_dir, ignore_errors=True)
+
+
+def eligible(spec: MachineSpec, *, qmp: bool, nested: bool, firmware: bool, root_disk: bool) -> str | None:
+    """None if a boot of *spec* may be warm-started, else why not."""
+    if nested:
+        return "guests inside an L1 always boot"
+    if not qmp:
+        return "no QMP"
+    if firmware:
+        return "a firmware boot is what it verifies"
+    if root_disk:
+        return "a boot from a given root disk is what it verifies"
+    for d in spec.drives:
+        if d.serial != ROOT_SERIAL and not (d.read_only or d.snapshot):
+            return f"writable disk {d.path}"
+    return None
+
+
+def _file_facts(path: str) -> list[Any]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return [path, None]
+    return [path, st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def state_key(spec: MachineSpec) -> str:
+    """The hash of everything that shapes the state of *spec* (its root disk named by the image's path)."""
+    canon = resolve_ports(spec, [1] * sum(len(n.forwards) for n in spec.nics))
+    argv = build_argv(canon, Endpoints(serial=Chardev(fd=3), qmp=Chardev(fd=4)))
+    files = sorted({p for p in _paths_in(argv) if os.path.exists(p)})
+    binary = shutil.which(spec.binary) or spec.binary
+    blob = json.dumps({"format": FORMAT, "argv": argv, "binary": _file_facts(os.path.realpath(binary)),
+                       "files": [_file_facts(p) for p in files]}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _paths_in(argv: list[str]) -> list[str]:
+    out = []
+    for arg in argv:
+        for part in arg.split(","):
+            value = part.split("=", 1)[1] if "=" in part else part
+            if value.startswith("/"):
+                out.append(value)
+    return out
+
+
+def canonical(spec: MachineSpec, token: str) -> MachineSpec:
+    """*spec* without what changes per launch: the ready token, host ports, the root disk's snapshot flag."""
+    drives = tuple(Drive(d.path, d.format, d.interface, d.read_only, False, d.serial, d.bootindex)
+                   if d.serial == ROOT_SERIAL else d for d in spec.drives)
+    nics = tuple(dataclasses.replace(n, forwards=tuple(Forward(f.guest_port) for f in n.forwards)) for n in spec.nics)
+    return spec.replace(append=spec.append.replace(token, "TOKEN"), drives=drives, nics=nics)
+
+
+def _sweep_overlays(root: Path) -> None:
+    for d in root.glob("overlay-*"):
+        with contextlib.suppress(ValueError, IndexError, OSError):
+            pid = int(d.name.split("-")[1])
+            if pid != os.getpid() and not Path(f"/proc/{pid}").exists():
+                shutil.rmtree(d, ignore_errors=True)
+
+
+def _overlay(base: Path, fmt: DiskFormat, into: Path) -> Path:
+    out = into / "root.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", fmt.value, str(out)], timeout=30,
+        what=f"the warm-start overlay over {base}", error=RestoreError)
+    return out
+
+
+def plan(spec: MachineSpec, token: str, respec: Any) -> Plan:
+    """Decide restore-or-capture for *spec*; *respec(token)* rebuilds the spec for another token."""
+    root = warm_root()
+    _sweep_overlays(root)
+    key = state_key(canonical(spec, token))
+    state = root / key
+    overlay_dir = Path(paths.private_dir(root / f"overlay-{os.getpid()}-{secrets.token_hex(4)}"))
+    meta: dict[str, Any] = {}
+    if (state / "meta.json").is_file():
+        with contextlib.suppress(OSError, ValueError):
+            meta = json.loads((state / "meta.json").read_text())
+    if meta:
+        token = str(meta["token"])
+        spec = respec(token)
+    root_drive = next((d for d in spec.drives if d.serial == ROOT_SERIAL), None)
+    if root_drive is not None:
+        base = state / "disk.qcow2" if meta else root_drive.path
+        ov = _overlay(base, DiskFormat.QCOW2 if meta else root_drive.format, overlay_dir)
+        spec = spec.replace(drives=tuple(Drive(ov, DiskFormat.QCOW2, d.interface, False, False, d.serial, d.bootindex)
+                                         if d is root_drive else d for d in spec.drives))
+    return Plan(key=key, spec=spec, token=token, overlay_dir=overlay_dir, state=state if meta else None, meta=meta)
+
+
+def machine_for(p: Plan, *, log_dir: Path | None, qmp: bool = True) -> Machine:
+    return Machine(p.spec, log_dir=log_dir, token=p.token, qmp=qmp,
+                   incoming=(p.state / "state") if p.state else None, log_note=p.note())
+
+
+def restore(p: Plan, machine: Machine, *, timeout: float = migrate.RESTORE_TIMEOUT) -> float:
+    """Wait for *machine* (launched from the plan's state) to run and settle it; seconds taken."""
+    started = time.monotonic()
+    migrate.wait_incoming(machine, timeout=timeout)
+    settle(machine)
+    return time.monotonic() - started
+
+
+def settle(machine: Machine, *, timeout: float = SETTLE_TIMEOUT) -> None:
+    """Clock, entropy, and proof that the serial shell answers, in one typed line."""
+    tok = secrets.token_hex(8)
+    now = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+    seed = secrets.token_hex(32)
+    machine.send(f"\ndate -u -s '{now}' >/dev/null; printf %s {seed} > /dev/urandom; {RESEED}; "
+                 f"printf '\\n%s-w\\n' {tok}\n")
+    try:
+        machine.expect(rf"\n{tok}-w\n", timeout=timeout, what="the serial shell after a restore")
+    except HarnessError as exc:
+        raise RestoreError(f"{machine.spec.name}: the restored guest did not answer on serial: {exc}") from exc
+
+
+def drop(key: str, reason: str) -> None:
+    """Remove the state *key* (it failed to load); the next boot captures a new one."""
+    state = warm_root() / key
+    log.warning("warm start: dropping saved state %s: %s", key, reason)
+    with contextlib.suppress(Exception), lock_for(state).acquire(timeout=10):
+        old = state.with_name(f".{state.name}.{os.getpid()}-{secrets.token_hex(4)}.part")
+        with contextlib.suppress(FileNotFoundError):
+            state.rename(old)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def capture(p: Plan, machine: Machine, image: Image, ready_seconds: float | None) -> float | None:
+    """Save *machine* (at its ready marker) as the state *p.key*; seconds the guest was paused, or None.
+
+    Never fails the boot: a capture that cannot be made is logged, and the guest runs on.
+    """
+    root_drive = next((d for d in machine.spec.drives if d.serial == ROOT_SERIAL), None)
+    started = time.monotonic()
+    saved: dict[str, bool] = {}
+
+    def make(tmp: Path) -> None:
+        tmp.mkdir(mode=0o700)
+        migrate.save_to_file(machine, tmp / "state")
+        saved["stopped"] = True
+        if root_drive is not None:
+            # The migration flushed and released the overlay: its bytes are the state's disk.
+            shutil.copyfile(root_drive.path, tmp / "disk.qcow2")
+            (tmp / "disk.qcow2").chmod(0o444)  # a read-only base from now on
+        meta = {"format": FORMAT, "key": p.key, "image": image.name, "token": p.token,
+                "ready_seconds": round(ready_seconds or 0.0, 2),
+                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "state_bytes": (tmp / "state").stat().st_size}
+        write_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
+
+    try:
+        publish(warm_root() / p.key, make, what=f"warm-start state ({image.name})", timeout=CAPTURE_LOCK_WAIT)
+    except CacheError:
+        return None  # another process is saving this shape right now
+    except HarnessError as exc:
+        log.warning("warm start: could not save the state of %s: %s", image.name, exc)
+    finally:
+        if saved or machine.qmp is not None:
+            with contextlib.suppress(HarnessError):
+                if _paused(machine):
+                    migrate.resume(machine)
+    return time.monotonic() - started if saved else None
+
+
+def _paused(machine: Machine) -> bool:
+    try:
+        status = machine.qmp.cmd("query-status") if machine.qmp is not None else {}
+    except Exception:  # noqa: BLE001 - a gone QEMU is not paused
+        return False
+    return bool(status.get("status") != "running")
+
+
+def states() -> list[dict[str, Any]]:
+    """Every saved state in this cache (its meta and size), newest first."""
+    out = []
+    root = paths.cache_root() / "warm"
+    for meta in root.glob("*/meta.json") if root.is_dir() else []:
+        with contextlib.suppress(OSError, ValueError):
+            m = json.loads(meta.read_text())
+            m["bytes"] = sum(f.stat().st_size for f in meta.parent.iterdir())
+            out.append(m)
+    return sorted(out, key=lambda m: str(m.get("saved_at")), reverse=True)
