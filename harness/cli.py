@@ -73,11 +73,24 @@ def cmd_images_list(args: argparse.Namespace) -> int:
 def cmd_images_inspect(args: argparse.Namespace) -> int:
     from harness.images import inspect
 
-    result = inspect.inspect_disk(Path(args.file))
+    result = inspect.inspect_file(Path(args.file))
     if args.json:
         _print_json(result)
     else:
         print(inspect.render(result))
+    return 0
+
+
+def cmd_images_export(args: argparse.Namespace) -> int:
+    from harness.core.progress import StepProgress
+    from harness.images import export
+    from harness.images import store as images
+
+    image = images.get_image(args.name)
+    with StepProgress(f"export {image.name} as {args.format}") as bar:
+        out = export.export(image, args.format, Path(args.output), firmware=args.firmware,
+                            controller=args.controller, progress=bar)
+    print(out)
     return 0
 
 
@@ -98,12 +111,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("run: no command given (usage: nestbed run IMAGE -- CMD...)")
     if not 0 < args.timeout <= 86400:  # also refuses nan; checked before anything boots
         raise UsageError(f"run: --timeout {args.timeout:g} is not a number of seconds in (0, 86400]")
+    if args.warm_start is False:
+        from harness import warmstart
+
+        warmstart.set_default(False)  # every level: the L1 (and L2 host) of --level 2/3 too
     opts = BootOptions(accel=Accel(args.accel), vcpus=args.vcpus, memory_mb=args.memory,
                        kernel=Path(args.kernel) if args.kernel else None,
                        firmware=Firmware(args.firmware) if args.firmware else None)
+    image: Any = args.image
+    from harness.images import disk
+
+    if disk.is_disk_file(args.image):  # a disk image file (any format QEMU reads), booted as kind "disk"
+        if args.level != 1:
+            raise UsageError(f"run: {args.image}: a disk image file boots at level 1 only (for now)")
+        image = disk.image_for_file(Path(args.image))
     with contextlib.ExitStack() as stack:
         if args.level == 1:
-            guest = stack.enter_context(boot(args.image, options=opts, via=args.via))
+            guest = stack.enter_context(boot(image, options=opts, via=args.via))
         else:
             from harness.nested import boot_hosts
 
@@ -200,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--refresh", action="store_true", help="ignore the verdict cached for this host boot")
     sp.set_defaults(func=cmd_probe)
 
-    ip = sub.add_parser("images", help="list, build or inspect images")
+    ip = sub.add_parser("images", help="list, build, inspect or export images")
     isub = ip.add_subparsers(dest="images_command", required=True, parser_class=_Parser)
     lp = isub.add_parser("list", help="every known image, whether built, and its paths")
     lp.add_argument("--json", action="store_true")
@@ -209,15 +233,28 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("names", nargs="+", metavar="NAME")
     bp.add_argument("--force", action="store_true", help="rebuild even if cached")
     bp.set_defaults(func=cmd_images_build)
-    inp = isub.add_parser("inspect", help="what a disk image file is: format, sizes, partition table, firmware guess "
-                                          "(read only, any format QEMU reads)")
-    inp.add_argument("file", metavar="FILE")
+    inp = isub.add_parser("inspect", help="what a disk image, OVF or OVA is: format, sizes, partition table, "
+                                          "firmware guess; an OVF's hardware and manifest (read only)")
+    inp.add_argument("file", metavar="FILE", help="any disk image QEMU reads, an .ovf or an .ova")
     inp.add_argument("--json", action="store_true")
     inp.set_defaults(func=cmd_images_inspect)
+    ep = isub.add_parser("export", help="write a built image's bootable disk as a file another product imports "
+                                        "(docs/appliances.md)")
+    ep.add_argument("name", metavar="NAME")
+    ep.add_argument("--format", required=True, choices=["ova", "vmdk", "vhd", "vhdx", "vdi", "qcow2"],
+                    help="ova: an OVF 1.0 appliance (streamOptimized VMDK, SHA256 manifest); vhd: dynamic")
+    ep.add_argument("-o", "--output", required=True, metavar="FILE", help="the file to write (replaced atomically)")
+    ep.add_argument("--firmware", choices=["bios", "uefi"], default="bios",
+                    help="what the OVA's descriptor asks for (the disk boots under both; default bios)")
+    ep.add_argument("--controller", choices=["ide", "pvscsi", "lsilogic"], default="ide",
+                    help="the OVA's disk controller (default ide: the image's initramfs has ata_piix)")
+    ep.set_defaults(func=cmd_images_export)
 
     rp = sub.add_parser("run", help="boot IMAGE, run CMD in it, print its output, exit with its status",
                         usage="nestbed run [options] IMAGE -- CMD...")
-    rp.add_argument("image", metavar="IMAGE")
+    rp.add_argument("image", metavar="IMAGE", help="a recipe name, or a disk image file (qcow2, vmdk, vhd, vhdx, vdi, raw) "
+                                                "booted by its own bootloader and reached through cloud-init "
+                                                "(docs/own-image.md)")
     # -v after the subcommand too (SUPPRESS: absent here, the global -v stands).
     rp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                     help="show the accelerator chosen and full error details")
@@ -235,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--vcpus", type=int, metavar="N")
     rp.add_argument("--memory", type=int, metavar="MB")
     rp.add_argument("--timeout", type=float, default=600.0, metavar="S", help="command timeout (default 600)")
+    rp.add_argument("--no-warm-start", dest="warm_start", action="store_false", default=None,
+                    help="boot, do not restore the state saved at this shape's first ready marker "
+                         "(docs/warm-start.md; also NESTBED_WARM_START=0)")
     rp.set_defaults(command=None)
     rp.set_defaults(func=cmd_run)
 
@@ -257,8 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     bp2.add_argument("--runs", type=int, default=7, help="runs per measurement (default 7, at least 5)")
     bp2.add_argument("--only", action="append", metavar="NAME",
                      help="run only this benchmark (repeatable): boot-tiny-x86_64, boot-tiny-i386, debian-ssh-ready, "
-                          "nested-level-2, reset, hops, virtme-ng, and the slow ones reset-l2, smoke-tier, image-build, "
-                          "kvm-host")
+                          "nested-level-2, warm-start, reset, hops, virtme-ng, and the slow ones reset-l2, smoke-tier, "
+                          "image-build, kvm-host")
     bp2.add_argument("--slow", action="store_true",
                      help="also run the slow benchmarks (smoke-tier: minutes per run, one run per side; reset-l2; "
                           "image-build; kvm-host: nestbed inside an L1)")

@@ -77,6 +77,10 @@ class ResetError(HarnessError):
     """A snapshot could not be taken or restored (QEMU's own message included)."""
 
 
+class RestoreError(HarnessError):
+    """A saved machine state could not be written or loaded (warm start falls back to a boot)."""
+
+
 class CacheError(HarnessError):
     """A cache artifact could not be published: its lock was held too long, or its builder wrote nothing."""
 
@@ -194,3 +198,13 @@ class CapabilityMissing(HarnessError):
 class SetupMissing(HarnessError):
     """A program or file that nestbed's setup installs is missing: a broken setup, not an unsupported host,
     so it fails a test instead of skipping it.  The message names the Debian package to install."""
+
+
+class OvfError(UsageError):
+    """An OVF descriptor or OVA that nestbed refuses (harness.images.ovf): one line naming the file and what is
+    wrong with it (bad XML or an entity, a tar member that would escape, a digest mismatch, unsupported hardware)."""
+
+    def __init__(self, file: object, reason: str) -> None:
+        self.file = str(file)
+        self.reason = " ".join(str(reason).split())  # one line, whatever the input put in it
+        super().__init__(f"{self.file}: {self.reason}")

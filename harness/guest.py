@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from harness import warmstart
 from harness.errors import (
     CommandTimedOut,
     ConsoleTimeout,
@@ -40,8 +41,11 @@ if TYPE_CHECKING:
     from harness.nested import L1Host
     from harness.transport.ssh import SSHTransport
     from harness.vm.spec import Firmware
+    from harness.warmstart import Plan
 
 log = logging.getLogger(__name__)
+
+OWN_DISK_KINDS = (Kind.DISK, Kind.CLOUD)  # images booted by their own bootloader (harness/images/disk.py)
 
 GUEST_POWEROFF_TIMEOUT = 10.0
 # The kernel's report of a task stuck in D state for 120 s (hung_task_timeout_secs).
@@ -73,6 +77,9 @@ class BootOptions:
     # None: direct kernel boot.  bios/uefi/uefi32: that firmware boots the image's whole-disk image
     # through GRUB, with this boot's kernel command line (harness/images/bootdisk.py, docs/firmware.md).
     firmware: Firmware | str | None = None
+    # Restore from the state saved at this shape's first ready marker instead of booting
+    # (harness/warmstart.py).  None: the default (on, unless --nestbed-no-warm-start or NESTBED_WARM_START=0).
+    warm_start: bool | None = None
 
 
 KVM_BOOT_DEADLINE = 15.0  # a tiny guest is ready in ~1 s under a working KVM
@@ -113,6 +120,17 @@ def resolve_accel(accel: Accel, image: Image) -> tuple[Accel, str]:
 def spec_for(image: Image, opts: BootOptions, token: str) -> MachineSpec:
     """The machine spec that boots *image* (built) with *opts* applied."""
     r = image.recipe
+    if r.kind in OWN_DISK_KINDS:  # its own bootloader from its own disk (harness/images/disk.py)
+        from harness.images import disk
+
+        disk.check_options(image, kernel=opts.kernel, root_disk=opts.root_disk, append=opts.append)
+        base = MachineSpec(
+            arch=r.arch, accel=opts.accel, cpu=opts.cpu or ("host" if opts.accel is Accel.KVM else None),
+            cpu_flags=opts.cpu_flags, tcg_threads=opts.tcg_threads, accel_opts=opts.accel_opts,
+            memory_mb=r.memory_mb if opts.memory_mb is None else opts.memory_mb,
+            vcpus=r.vcpus if opts.vcpus is None else opts.vcpus, extra_args=opts.extra_args, name=r.name)
+        return disk.boot_spec(base, image, token=token, firmware=opts.firmware, extra_drives=opts.extra_drives,
+                              forwards=opts.forwards)
     kernel = opts.kernel or image.kernel
     if opts.kernel is not None and not Path(opts.kernel).is_file():
         raise UsageError(f"--kernel {opts.kernel}: no such file")
@@ -199,12 +217,20 @@ class Guest:
         self.reset_tag: str | None = None  # the snapshot Guest.reset() loads (harness.vm.snapshot)
         self.resets = 0
         self.last_reset: dict[str, float] = {}  # seconds per phase of the latest reset (loadvm, serial, ssh)
+        self.foreign_host_key: str | None = None  # kinds disk/cloud: the host key this boot showed (disk.wait_ready)
+        # Warm start (harness/warmstart.py): {"restored": bool, "key": ..., "seconds": ...}, or {} if not eligible.
+        self.warm: dict[str, Any] = {}
 
     def connect_ssh(self, *, timeout: float = 60.0) -> SSHTransport:
         """SSH to the guest (key auth, host key pinned to the one recorded at build time)."""
         from harness.transport import keys
         from harness.transport.ssh import SSHTransport
 
+        if self._ssh is None and self.image.recipe.kind in OWN_DISK_KINDS:
+            from harness.images import disk
+
+            self._ssh = disk.connect_ssh(self.image, self.machine, self.foreign_host_key, timeout=timeout,
+                                         name=f"ssh:{self.image.name}@L{self.machine.level}")
         if self._ssh is None:
             host_key = self.image.manifest.get("host_keys", {}).get("ssh-ed25519")
             if not host_key or 22 not in self.machine.host_ports:
@@ -355,12 +381,20 @@ def boot(image: str | Image, *, options: BootOptions | None = None, log_dir: Pat
     """
     opts = options or BootOptions()
     img = images.get_image(image) if isinstance(image, str) else image
+    own_disk = img.recipe.kind in OWN_DISK_KINDS
     if not img.built:
         if not build:
             from harness.errors import ImageNotBuilt
             raise ImageNotBuilt(img.name)
         img = images.build(img)
-    if opts.firmware is not None:
+    if own_disk:
+        from harness.images import disk
+
+        if host is not None:
+            raise UsageError(f"image {img.name} (kind {img.recipe.kind.value}): booting it inside an L1 is not "
+                             "supported yet")
+        img = disk.prepare(img)  # checked and inspected again if the file changed since
+    if opts.firmware is not None and not own_disk:
         from harness.images import bootdisk
 
         opts = bootdisk.prepare(img, opts, host)  # builds the boot disk (cached); longer ready timeout
@@ -379,23 +413,66 @@ def boot(image: str | Image, *, options: BootOptions | None = None, log_dir: Pat
         opts_resolved = dataclasses.replace(opts_resolved, kernel=fast_kernel(Path(opts.kernel)))
     attempts = NESTED_BOOT_ATTEMPTS if host is not None else 1
     failed: list[str] = []
+    warm: Plan | None = None
     for attempt in range(1, attempts + 1):
         token = secrets.token_hex(6)
         spec = spec_for(img, opts_resolved, token)
-        machine = host.machine(spec, img, token=token, log_dir=log_dir, qmp=qmp) if host \
-            else Machine(spec, log_dir=log_dir, token=token, qmp=qmp)
+        if attempt == 1 and not own_disk and warmstart.enabled(opts.warm_start) and warmstart.eligible(
+                spec, qmp=qmp, nested=host is not None, firmware=opts.firmware is not None,
+                root_disk=opts.root_disk is not None) is None:
+            warm = warmstart.plan(spec, token, lambda t: spec_for(img, opts_resolved, t))
+            spec, token = warm.spec, warm.token
+        if warm is not None:
+            machine = warmstart.machine_for(warm, log_dir=log_dir, qmp=qmp)
+        else:
+            machine = host.machine(spec, img, token=token, log_dir=log_dir, qmp=qmp) if host \
+                else Machine(spec, log_dir=log_dir, token=token, qmp=qmp)
         guest = Guest(img, machine, accel_reason=reason)
-        machine.launch()
         try:
+            if warm is not None and warm.restoring:
+                try:
+                    machine.launch()  # a stream QEMU cannot load can end it before QMP answers
+                    seconds = warmstart.restore(warm, machine)
+                except HarnessError as exc:
+                    # A state that does not load is dropped; this guest boots as before.
+                    machine.kill()
+                    warmstart.drop(warm.key, headline(exc))
+                    warm.cleanup()
+                    warm = warmstart.plan(spec_for(img, opts_resolved, token), token,
+                                          lambda t: spec_for(img, opts_resolved, t))
+                    machine = warmstart.machine_for(warm, log_dir=log_dir, qmp=qmp)
+                    guest = Guest(img, machine, accel_reason=reason)
+                    machine.launch()
+                else:
+                    guest.ready_seconds = machine.uptime
+                    guest.warm = {"restored": True, "key": warm.key, "seconds": round(seconds, 3)}
+            else:
+                machine.launch()
             if Via(via) is Via.SSH:
                 # paramiko takes ~0.6 s to import: do it while the guest boots, not after its marker.
                 import harness.transport.ssh  # noqa: F401
-            # Recipes' timeouts are for level 1; each level down is emulated on top of the one above.
-            guest.wait_ready(opts.ready_timeout or img.recipe.ready_timeout * (1 if host is None else 3))
+            if own_disk:  # cloud-init's marker or SSH; a screenshot if neither comes (harness/images/disk.py)
+                try:
+                    guest.foreign_host_key = disk.wait_ready(machine, img, timeout=opts.ready_timeout
+                                                             or img.recipe.ready_timeout)
+                except ConsoleTimeout as exc:
+                    raise disk.not_reached(machine, exc) from None
+                guest.ready_seconds = machine.uptime
+                if not disk.uses_seed(img):
+                    guest.serial.broken = "the image has no shell on its serial console (no cloud-init seed)"
+            elif not guest.warm:
+                # Recipes' timeouts are for level 1; each level down is emulated on top of the one above.
+                guest.wait_ready(opts.ready_timeout or img.recipe.ready_timeout * (1 if host is None else 3))
+                if warm is not None:
+                    paused = warmstart.capture(warm, machine, img, guest.ready_seconds)
+                    guest.warm = {"restored": False, "key": warm.key, "captured": paused is not None,
+                                  "capture_seconds": round(paused, 3) if paused is not None else None}
             if opts.reset:
                 guest.take_reset_point()  # before SSH connects: a connection in the snapshot would be dead
         except ConsoleTimeout as exc:
             machine.kill()  # never became usable: nothing to shut down gracefully
+            if warm is not None:
+                warm.cleanup()
             if attempt == attempts or host is None or host.guest.machine.poll() is not None:
                 raise
             log.warning("level %d boot of %s did not come up (%s; serial log %s); trying once more",
@@ -404,6 +481,8 @@ def boot(image: str | Image, *, options: BootOptions | None = None, log_dir: Pat
             continue
         except BaseException:
             machine.kill()
+            if warm is not None:
+                warm.cleanup()
             raise
         break
     guest.failed_attempts = failed  # recorded with the guest (the plugin reports them)
@@ -414,3 +493,5 @@ def boot(image: str | Image, *, options: BootOptions | None = None, log_dir: Pat
         yield guest
     finally:
         guest.poweroff()
+        if warm is not None:
+            warm.cleanup()

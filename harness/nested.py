@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness import warmstart
 from harness.core import paths
 from harness.core.publish import DISCARD, publish, scratch_name, write_atomic
 from harness.errors import HarnessError, LaunchError, TransportError, headline
@@ -368,7 +369,10 @@ set -e
 modprobe kvm_amd nested=1 2>/dev/null || modprobe kvm_intel nested=1 2>/dev/null || true
 mkdir -p {mount}
 for b in /sys/block/vd*; do
-  [ -f "$b/serial" ] && echo "${{b##*/}} $(cat $b/serial)"
+  [ -f "$b/serial" ] || continue
+  s=$(cat "$b/serial")
+  echo "${{b##*/}} $s"
+  if [ "$s" = nbpayload ]; then mount -o ro "/dev/${{b##*/}}" {mount}; fi
 done
 """
 
@@ -456,12 +460,12 @@ def _deeper_host(parent: L1Host, image: Image, inner: list[Image], log_dir: Path
 
 
 def _setup_l1(host: L1Host) -> None:
+    """KVM loaded with nested=1, the payload disk found by its serial and mounted: one command."""
     out = host.ssh.check_output(L1_SETUP.format(mount=PAYLOAD_MOUNT), timeout=120)
     by_serial = dict(reversed(line.split()) for line in out.splitlines() if len(line.split()) == 2)
     if "nbpayload" not in by_serial:
         raise LaunchError(f"L1 does not show the payload disk (disks: {out!r})", level=1)
     host.payload_dev = f"/dev/{by_serial['nbpayload']}"
-    host.ssh.check_output(f"mount -o ro {host.payload_dev} {PAYLOAD_MOUNT}", timeout=60)
     for name, img in host.inner_images.items():
         if img.disk is not None:
             host.devices[name] = f"/dev/{by_serial[disk_serial(img)]}"
@@ -469,9 +473,7 @@ def _setup_l1(host: L1Host) -> None:
 
 def _probe_l1(host: L1Host) -> None:
     """Run L0's probe code in L1: host facts by L1's python3, KVM by booting a tiny guest."""
-    src = Path(probe.__file__).with_name("hostfacts.py")
-    host.ssh.put(src, "/tmp/nestbed-hostfacts.py")
-    host.facts = json.loads(host.ssh.check_output("python3 /tmp/nestbed-hostfacts.py", timeout=60))
+    host.facts = _l1_facts(host)
     # The KVM boot verdict depends on L1's image and on L0 (its probe key covers boot and QEMU);
     # cache it like L0's, so only the first L1 of a host boot pays the ~20 s.
     cache = paths.cache_root() / f"probe-L{host.level}-{host.guest.image.dir.name}-{probe.cache_key()}.json"
@@ -486,6 +488,22 @@ def _probe_l1(host: L1Host) -> None:
 
     publish(cache, make, what=f"L{host.level} probe verdict ({host.guest.image.name})")
     host.accel = computed["accel"] if computed else json.loads(cache.read_text())
+
+
+def _l1_facts(host: L1Host) -> dict[str, Any]:
+    """L1's host facts, read by L1's python3; kept beside a warm-start state, whose L1 always shows the same."""
+    key = host.guest.warm.get("key")
+    kept = warmstart.warm_root() / f"{key}.facts-L{host.level}.json" if key else None
+    if kept is not None and kept.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            facts: dict[str, Any] = json.loads(kept.read_text())
+            return facts
+    src = Path(probe.__file__).with_name("hostfacts.py")
+    host.ssh.put(src, "/tmp/nestbed-hostfacts.py")
+    facts = json.loads(host.ssh.check_output("python3 /tmp/nestbed-hostfacts.py", timeout=60))
+    if kept is not None:
+        publish(kept, lambda tmp: write_atomic(tmp, json.dumps(facts)), what=f"L{host.level} host facts", timeout=5)
+    return facts
 
 
 def _l1_kvm_verdict(host: L1Host) -> tuple[dict[str, Any], bool]:

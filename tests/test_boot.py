@@ -71,7 +71,10 @@ def test_commands_over_serial_are_framed(tmp_path: Path) -> None:
         g.get("/tmp/copied", tmp_path / "back.bin")
         assert (tmp_path / "back.bin").read_bytes() == src.read_bytes()
         log = g.machine.serial_log_path
-    assert log is not None and b"nestbed-ready-" in log.read_bytes()
+    assert log is not None
+    data = log.read_bytes()
+    # A booted guest's log has its ready marker; a restored one (warm start) says so on its first line.
+    assert b"nestbed-ready-" in data or data.startswith(b"[nestbed] restored from a saved state"), data[:200]
 
 
 def test_guest_facts_match_the_spec() -> None:

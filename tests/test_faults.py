@@ -87,8 +87,10 @@ def _signal_and_check(proc: subprocess.Popen[str], qemu: int, sig: signal.Signal
 @pytest.mark.boot
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
 def test_nested_run_signalled_while_l1_boots_leaves_no_qemu(tiny_images: None, sig: signal.Signals) -> None:
+    # A booting L1, not a restored one (warm start would have it up in a second or two).
     proc = subprocess.Popen([sys.executable, "-m", "harness", "run", "--level", "2", "tiny-x86_64", "--", "true"],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "NESTBED_WARM_START": "0"})
     l1 = _wait_for_qemu(proc.pid, "l1-host", proc, timeout=300)
     time.sleep(3)  # well inside L1's boot (it takes 30-60 s under TCG)
     rc, left = _signal_and_check(proc, l1, sig)
@@ -143,7 +145,7 @@ def _pytest_proc(tmp_path: Path, source: str) -> subprocess.Popen[str]:
     (tmp_path / "test_victim.py").write_text(textwrap.dedent(source))
     return subprocess.Popen([sys.executable, "-m", "pytest", "-s", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
                              "test_victim.py"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            text=True, env={**os.environ, "NESTBED_WARM_START": "0"})  # signals during real boots
 
 
 @pytest.mark.boot

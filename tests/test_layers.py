@@ -8,7 +8,7 @@ The layers, bottom to top (README "How it is built" draws the same map)::
     2  harness.transport                   serial, SSH, keys, the testinfra backend
     3  harness.images                      recipes, builders (tiny, debian), boot disks
     4  harness.hosts                       host facts, the accelerator probe
-    5  harness.guest                       boot(), Guest, BootOptions; what guests show (guestfacts)
+    5  harness.guest                       boot(), Guest, BootOptions; what guests show (guestfacts); warmstart
     6  harness.nested                      L1 hosts and the guests inside them
     7  harness.diskfmt, harness.reports    disk-format round trips; matrix, reports
     8  harness.tools                       bench, soak

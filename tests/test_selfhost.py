@@ -75,3 +75,51 @@ def test_a_level_2_run_from_inside_takes_the_kvm_branch_of_l1_options() -> None:
         r = host.nestbed("run", "tiny-x86_64", "--level", "2", "--", "cat",
                          "/sys/devices/system/clocksource/clocksource0/current_clocksource", timeout=2400)
     assert (r.exit_status, r.stdout.strip()) == (0, "kvm-clock"), r.stderr[-2000:]
+
+
+# The two cells the slow merge test runs on both host kinds: a tiny guest (KVM inside, TCG at L0) and level-1
+# paravirt, which needs KVM at level 0 (declared as a skip for the TCG host kind in scenarios/matrix.toml).
+FLEET_CELLS = ("test_tiny_guest_boots_and_answers_over_serial and x86_64 or "
+               "test_kvm_guest_takes_every_pv_path and x86_64-L1")
+TINY_CELL = "scenarios/test_boot.py::test_tiny_guest_boots_and_answers_over_serial[tiny-x86_64-serial]"
+PV_CELL = "scenarios/test_paravirt.py::test_kvm_guest_takes_every_pv_path[x86_64-L1]"
+
+
+@slow_boot[0]
+@slow_boot[1]
+def test_a_report_made_inside_the_l1_comes_out_and_merges_as_a_second_host_kind(tmp_path: Any) -> None:
+    """Two cells of the kvm-l1 host kind's tier run in the L1 (`report` through SelfHosted.nestbed: its directory comes
+    out to L0, labelled "KVM host, emulated SVM"), the same two cells at L0 (TCG), and the fleet merge shows
+    both host kinds with each cell's verdict: the paravirt cell passes under the L1's KVM, skips (declared) at L0."""
+    from tests.conftest import nestbed
+
+    started = time.monotonic()
+    r = nestbed("report", "--tier", "nightly", "-n", "0", "--out", str(tmp_path / "l0"), "--", "-k", FLEET_CELLS,
+                timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    l0_seconds = time.monotonic() - started
+    with selfhost.nestbed_in_l1(("tiny-x86_64", "debian-x86_64")) as host:
+        inner = host.nestbed("report", "--tier", "kvm-l1", "--out", str(tmp_path / "kvm"), "--", "-k", FLEET_CELLS,
+                             timeout=2400)
+    assert inner.exit_status == 0, (inner.stdout + inner.stderr)[-3000:]
+    assert f"came out of the L1 to {tmp_path / 'kvm'}" in inner.stdout
+    kvm = json.loads((tmp_path / "kvm" / "report.json").read_text())
+    assert kvm["host"]["kind"]["label"] == "KVM host, emulated SVM" and kvm["host"]["kind"]["emulated"] is True
+    assert kvm["host"]["accel"]["x86_64"]["chosen"] == "kvm"
+    assert {c["nodeid"]: c["outcome"] for c in kvm["cells"]} == {TINY_CELL: "pass", PV_CELL: "pass"}
+    assert all(g["accel"] == "kvm" for c in kvm["cells"] for g in c["guests"])
+    assert (tmp_path / "kvm" / "index.html").read_text().count("KVM host, emulated SVM") >= 1
+    r = nestbed("report", "merge", str(tmp_path / "l0"), str(tmp_path / "kvm"), "-o", str(tmp_path / "fleet"),
+                timeout=120)
+    assert r.returncode == 0 and "2 host kind(s)" in r.stdout, r.stdout + r.stderr
+    fleet = json.loads((tmp_path / "fleet" / "fleet.json").read_text())
+    by_kind = {h["kind"]["label"]: {n: c["outcome"] for n, c in h["cells"].items()} for h in fleet["hosts"]}
+    assert by_kind == {"KVM host, emulated SVM": {TINY_CELL: "pass", PV_CELL: "pass"},
+                       "TCG host (no usable KVM)": {TINY_CELL: "pass", PV_CELL: "skip"}}, by_kind
+    md = (tmp_path / "fleet" / "summary.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| cell |"))
+    assert "KVM host, emulated SVM" in header and "TCG host (no usable KVM)" in header, md
+    print(f"\nL0 report {l0_seconds:.0f} s; in the L1 (boot, install, report, copy out) "
+          f"{time.monotonic() - started - l0_seconds:.0f} s; install {host.install_seconds:.0f} s; "
+          f"report inside {kvm['run']['duration_seconds']} s; cells: "
+          + ", ".join(f"{c['nodeid'].split('::')[1]} {c['outcome']} {c['duration_seconds']:.0f} s" for c in kvm["cells"]))

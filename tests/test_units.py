@@ -119,7 +119,8 @@ def test_drives(iface: DriveInterface) -> None:
     assert drive.startswith("file=/d.qcow2,format=qcow2,id=drive0,if=none")
     assert "readonly=on" in drive and "snapshot=on" in drive
     devices = " ".join(_opt(argv, "-device"))
-    assert {"virtio": "virtio-blk-pci", "ide": "ide-hd", "scsi": "scsi-hd"}[iface.value] in devices
+    assert {"virtio": "virtio-blk-pci", "ide": "ide-hd", "scsi": "scsi-hd", "sata": "ide-hd", "lsi": "scsi-hd",
+            "pvscsi": "scsi-hd", "megasas": "scsi-hd"}[iface.value] in devices
     assert "serial=abc" in devices
     assert ("virtio-scsi-pci" in devices) == (iface is DriveInterface.SCSI)
 

@@ -63,7 +63,8 @@ from harness.vm.spec import Arch, DiskFormat, Drive, Firmware, MachineSpec, ovmf
 if TYPE_CHECKING:
     from harness.guest import BootOptions
 
-BOOTDISK_VERSION = 1  # bump whenever the disk's layout or GRUB config changes
+# bump whenever the disk's layout or GRUB config changes (v2: the ESP's type GUID, a typo in v1, fixed)
+BOOTDISK_VERSION = 2
 LOCK_TIMEOUT = 1800.0
 STEP_TIMEOUT = 600.0
 # Firmware boots take longer than direct kernel boots: OVMF alone needs ~10 s under TCG, and
@@ -78,7 +79,7 @@ ROOT_START = ESP_START + ESP_SIZE
 GPT_BACKUP = 1 * MiB  # room for the backup GPT at the end (33 sectors; rounded up)
 
 GPT_BIOS_BOOT = "21686148-6449-6E6F-744E-656564454649"
-GPT_ESP = "C12A7328-F81F-11D2-BA4B-00A0C93EC3B8"
+GPT_ESP = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"  # the UEFI specification's EFI system partition
 GPT_LINUX_FS = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
 
 SMBIOS_TAG = "nestbed:"

@@ -1,5 +1,9 @@
 """What a disk image is, read without booting or writing it: ``nestbed images inspect FILE``.
 
+An OVF or OVA (:func:`inspect_file`) is read by :func:`harness.images.ovf.describe` (hardware, manifest
+digests) and each of its disks is inspected as below, in place inside the OVA (a ``json:`` file name with
+the member's offset and size) and with the format the OVF declares.
+
 ``qemu-img info`` gives the format (any QEMU reads: raw, qcow2, vmdk of every subformat, vpc, vhdx,
 vdi, ...) and the virtual size; the first MiB, read through QEMU (``qemu-img dd``, so every format
 works, to a private temporary file), gives the partition table: MBR, or GPT behind its protective MBR.
@@ -19,6 +23,7 @@ from typing import Any
 
 from harness.core.run import run
 from harness.errors import UsageError
+from harness.images import ovf
 
 SECTOR = 512
 HEAD_BYTES = 1 << 20  # MBR, GPT header and the usual 128 entries all fit in the first MiB
@@ -129,17 +134,7 @@ def inspect_disk(path: Path) -> dict[str, Any]:
                    what=f"inspect {path}", error=InspectError)
         info = json.loads(proc.stdout)
         virtual = int(info["virtual-size"])
-    with tempfile.TemporaryDirectory(prefix="nestbed-inspect-") as tmp:
-        head_path = Path(tmp) / "head.raw"
-        count = max(1, min(HEAD_BYTES, virtual) // SECTOR)
-        run(["qemu-img", "dd", "-f", fmt, "-O", "raw", f"bs={SECTOR}", f"count={count}", f"if={path}",
-             f"of={head_path}"], timeout=INFO_TIMEOUT, what=f"inspect {path}", error=InspectError)
-        head = head_path.read_bytes()
-    try:
-        table = parse_partitions(head)
-    except InspectError as exc:
-        raise InspectError(f"{path}: {exc}") from None
-    firmware, why = firmware_guess(table)
+    table, firmware, why = _table(str(path), fmt, virtual, str(path))
     out: dict[str, Any] = {"path": str(path), "format": fmt, "virtual_size": virtual,
                            "file_size": path.stat().st_size, **table, "firmware": firmware, "firmware_why": why}
     subformat = (info.get("format-specific") or {}).get("data", {}).get("create-type") or \
@@ -149,6 +144,63 @@ def inspect_disk(path: Path) -> dict[str, Any]:
     if note:
         out["subformat"], out["note"] = "fixed", note
     return out
+
+
+def _table(source: str, fmt: str | None, virtual: int, label: str) -> tuple[dict[str, Any], str, str]:
+    """The partition table in the first MiB of *source* (a file name or a ``json:`` spec), and the firmware
+    guess from it."""
+    with tempfile.TemporaryDirectory(prefix="nestbed-inspect-") as tmp:
+        head_path = Path(tmp) / "head.raw"
+        count = max(1, min(HEAD_BYTES, virtual) // SECTOR)
+        run(["qemu-img", "dd", *(["-f", fmt] if fmt else []), "-O", "raw", f"bs={SECTOR}", f"count={count}",
+             f"if={source}", f"of={head_path}"], timeout=INFO_TIMEOUT, what=f"inspect {label}", error=InspectError)
+        head = head_path.read_bytes()
+    try:
+        table = parse_partitions(head)
+    except InspectError as exc:
+        raise InspectError(f"{label}: {exc}") from None
+    firmware, why = firmware_guess(table)
+    return table, firmware, why
+
+
+def member_source(container: Path, offset: int, size: int, fmt: str) -> str:
+    """A ``json:`` file name that opens the *fmt* disk stored at *offset* (*size* bytes) inside *container*
+    (an OVA's tar member, in place: tar stores a member's data contiguously)."""
+    return "json:" + json.dumps({"driver": fmt, "file": {"driver": "raw", "offset": offset, "size": size,
+                                                         "file": {"driver": "file", "filename": str(container)}}})
+
+
+def inspect_appliance_disk(disk: dict[str, Any], label: str) -> dict[str, Any]:
+    """Virtual size, partition table and firmware guess of one disk that :func:`harness.images.ovf.describe`
+    found, read in place with the format the OVF declares (never extracted, never written)."""
+    source = member_source(Path(disk["path"]), int(disk["offset"]), int(disk["file_size"]), str(disk["format"]))
+    proc = run(["qemu-img", "info", "--output=json", source], timeout=INFO_TIMEOUT, what=f"inspect {label}",
+               error=InspectError)
+    try:
+        info = json.loads(proc.stdout)
+        virtual = int(info["virtual-size"])
+    except (ValueError, KeyError, TypeError):
+        raise InspectError(f"{label}: qemu-img info gave no size") from None
+    table, firmware, why = _table(source, None, virtual, label)
+    out: dict[str, Any] = {"virtual_size": virtual, **table, "firmware_guess": firmware, "firmware_guess_why": why}
+    data = (info.get("format-specific") or {}).get("data", {})
+    if data.get("create-type") or data.get("subformat"):
+        out["subformat"] = data.get("create-type") or data.get("subformat")
+    return out
+
+
+def inspect_file(path: Path) -> dict[str, Any]:
+    """What *path* is: a disk image (:func:`inspect_disk`), or an OVF/OVA: its hardware as nestbed reads it
+    (:func:`harness.images.ovf.describe`: every check of a load, digests included, nothing written) and each of
+    its disks inspected in place."""
+    if not path.is_file():
+        raise InspectError(f"{path}: no such file")
+    if not ovf.is_appliance(path):
+        return inspect_disk(path)
+    result = ovf.describe(path)
+    for disk in result["disks"]:
+        disk.update(inspect_appliance_disk(disk, f"{path} ({disk['file']})"))
+    return result
 
 
 def _fixed_vhd_footer(path: Path) -> bool:
@@ -164,6 +216,8 @@ def _fixed_vhd_footer(path: Path) -> bool:
 
 def render(result: dict[str, Any]) -> str:
     """The human-readable lines of ``nestbed images inspect``."""
+    if result.get("kind") in ("ova", "ovf"):
+        return render_appliance(result)
     lines = [f"{result['path']}: {result['format']}" + (f" ({result['subformat']})" if result.get("subformat") else ""),
              f"  virtual size {result['virtual_size']} bytes, file {result['file_size']} bytes",
              f"  partition table: {result['table']}"]
@@ -174,4 +228,42 @@ def render(result: dict[str, Any]) -> str:
     lines.append(f"  firmware: {result['firmware']} ({result['firmware_why']})")
     if result.get("note"):
         lines.append(f"  note: {result['note']}")
+    return "\n".join(lines)
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit}"
+    return f"{n} bytes"
+
+
+def render_appliance(result: dict[str, Any]) -> str:
+    """The human-readable lines of ``nestbed images inspect`` for an OVF or OVA."""
+    lines = [f"{result['path']}: {result['kind'].upper()} ({result['descriptor']}), virtual machine {result['name']!r}",
+             f"  {result['vcpus']} vCPU(s), {result['memory_mb']} MiB memory",
+             f"  firmware: {result['firmware']} ({result['firmware_why']})"]
+    for c in result["controllers"]:
+        lines.append(f"  controller {c['name']!r} -> {c['device']}")
+    for i, d in enumerate(result["disks"], 1):
+        lines.append(f"  disk {i}: {d['file']}: {d['format']}" + (f" ({d['subformat']})" if d.get("subformat") else "")
+                     + f" on {d['controller']}, virtual size {_size(d.get('virtual_size'))}"
+                     + f" (the OVF declares {_size(d['capacity_bytes'])}), file {_size(d['file_size'])}")
+        if "table" in d:
+            lines.append(f"    partition table: {d['table']}")
+            for p in d["partitions"]:
+                name = f" {p['name']!r}" if p.get("name") else ""
+                lines.append(f"      #{p['index']} {p['type_name']}{name}: start {p['start']}, size {p['size']}"
+                             + (" (active)" if p.get("active") else ""))
+            lines.append(f"    firmware guess from the disk: {d['firmware_guess']} ({d['firmware_guess_why']})")
+    lines.append("  NICs: " + (", ".join(result["nics"]) or "none"))
+    for s in result["substitutions"]:
+        lines.append(f"  substitution: {s}")
+    for s in result["ignored"]:
+        lines.append(f"  ignored: {s}")
+    lines.append(f"  manifest: {result['manifest']}")
+    if result.get("certificate"):
+        lines.append(f"  certificate: {result['certificate']}")
     return "\n".join(lines)

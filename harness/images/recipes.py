@@ -22,7 +22,7 @@ import re
 import tomllib
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,23 @@ MAX_BASE_DEPTH = 8
 class Kind(enum.StrEnum):
     TINY = "tiny"  # Debian kernel + busybox initramfs, root shell on the serial console
     DEBIAN = "debian"  # mmdebstrap root filesystem on an ext4 qcow2 disk
+    CLOUD = "cloud"  # a Debian "cloud image": systemd, cloud-init, sshd, GRUB on a GPT disk; no nestbed key or init
+    DISK = "disk"  # a disk image the user brings (any format QEMU reads), booted by its own bootloader
+
+    @property
+    def built_here(self) -> bool:
+        """Whether nestbed builds it from Debian packages (and so controls its key, init and kernel)."""
+        return self is not Kind.DISK
+
+
+BUILT_KINDS = tuple(k for k in Kind if k.built_here)
+# The firmware a disk recipe asks for; "auto" decides from the partition table (harness/images/disk.py).
+DISK_FIRMWARES = ("auto", "bios", "uefi", "uefi32")
+# Disk formats QEMU reads that a disk recipe may name (default: what `qemu-img info` detects).
+DISK_FORMATS = ("raw", "qcow2", "vmdk", "vpc", "vhdx", "vdi", "qed")
+# NIC models QEMU 7.2 emulates that an image's drivers may need (OVF names map onto these: harness/images/ovf.py).
+NIC_MODELS = ("virtio-net-pci", "e1000", "e1000e", "rtl8139", "vmxnet3", "pcnet", "ne2k_pci", "i82559er")
+DRIVE_INTERFACES = ("virtio", "ide", "sata", "scsi", "lsi", "pvscsi", "megasas")
 
 
 class InitMode(enum.StrEnum):
@@ -46,7 +63,27 @@ class InitMode(enum.StrEnum):
 _SIZE_RE = re.compile(r"^(\d+)([MG])$")
 _PKG_RE = re.compile(r"^[a-z0-9][a-z0-9+.\-]+(:[a-z0-9]+)?(/[a-z0-9\-]+)?$")
 _SUITE_RE = re.compile(r"^[a-z]+(-[a-z]+)?$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_USER_RE = re.compile(r"^[a-z_][a-z0-9_.\-]{0,31}$")
 MAX_READY_TIMEOUT = 3600.0
+
+
+@dataclass(frozen=True)
+class Login:
+    """How to log in to an image nestbed did not build: a user and a private key, or a password (never shown)."""
+
+    user: str
+    key: Path | None = None
+    password: str = field(default="", repr=False)
+
+    def describe(self) -> str:
+        """For logs: never the password."""
+        return f"{self.user} with " + (f"key {self.key}" if self.key else "a password")
+
+
+# Fields only some kinds have: hashed into Recipe.digest() only when set, so images of the other kinds
+# keep the digests (and cache entries) they had before these fields existed.
+_IF_SET = {"digest_if_set": True}
 
 
 @dataclass(frozen=True)
@@ -55,7 +92,7 @@ class Recipe:
     file: Path
     kind: Kind
     arch: Arch
-    kernel: str
+    kernel: str = ""
     description: str = ""
     suite: str = "bookworm"
     extra_suites: tuple[str, ...] = ("updates",)
@@ -67,6 +104,16 @@ class Recipe:
     files: dict[str, str] = field(default_factory=dict)
     services: tuple[str, ...] = ()
     ready_timeout: float = 120.0
+    # kind = "disk" (harness/images/disk.py, docs/own-image.md)
+    path: Path | None = field(default=None, metadata=_IF_SET)  # the disk image, resolved against the recipe's directory
+    sha256: str = field(default="", metadata=_IF_SET)  # checked before the first boot of each version of the file
+    firmware: str = field(default="auto", metadata=_IF_SET)  # auto | bios | uefi | uefi32
+    format: str = field(default="", metadata=_IF_SET)  # "": what qemu-img detects
+    login: Login | None = field(default=None, metadata=_IF_SET)
+    cloud_init: bool = field(default=True, metadata=_IF_SET)  # give it a NoCloud seed (harness/images/seed.py)
+    user_data: str | dict[str, Any] = field(default="", metadata=_IF_SET)  # added to the seed's user-data
+    disk_interface: str = field(default="virtio", metadata=_IF_SET)
+    nic_model: str = field(default="virtio-net-pci", metadata=_IF_SET)
 
     @property
     def suites(self) -> list[str]:
@@ -78,6 +125,9 @@ class Recipe:
         data.pop("file")
         data.pop("description")
         data.pop("ready_timeout")
+        for f in fields(self):
+            if f.metadata.get("digest_if_set") and getattr(self, f.name) == f.default:
+                data.pop(f.name)
         blob = json.dumps(data, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -131,6 +181,69 @@ def _files(file: str, key: str, value: dict[str, Any]) -> dict[str, str]:
     return dict(value)
 
 
+def _disk_path(file: str, key: str, value: str) -> Path:
+    if not value.strip() or "\0" in value:
+        raise RecipeError(file, key, f"{value!r} is not a file path")
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else Path(file).resolve().parent / p
+
+
+def _login(file: str, key: str, value: dict[str, Any]) -> Login:
+    unknown = sorted(set(value) - {"user", "key", "password"})
+    if unknown:
+        raise RecipeError(file, f"{key}.{unknown[0]}", "unknown key (known: key, password, user)")
+    for k in ("user", "key", "password"):
+        if k in value and not isinstance(value[k], str):
+            raise RecipeError(file, f"{key}.{k}", f"must be str, got {type(value[k]).__name__}")
+    user = value.get("user")
+    if user is None:
+        raise RecipeError(file, f"{key}.user", "required key is missing")
+    if not _USER_RE.match(user):
+        raise RecipeError(file, f"{key}.user", f"{user!r} is not a user name")
+    if ("key" in value) == ("password" in value):
+        raise RecipeError(file, key, "give exactly one of key (a private key file) or password")
+    if "password" in value:
+        if not value["password"] or "\n" in value["password"]:
+            raise RecipeError(file, f"{key}.password", "must be one non-empty line")  # the value is never shown
+        return Login(user, password=value["password"])
+    return Login(user, key=_disk_path(file, f"{key}.key", value["key"]))
+
+
+def _user_data(file: str, key: str, value: str | dict[str, Any]) -> str | dict[str, Any]:
+    """A table (cloud-config as TOML), or text: ``#cloud-config`` YAML (a mapping) or a ``#!`` script."""
+    if isinstance(value, dict):
+        return value
+    first = value.lstrip().split("\n", 1)[0].strip()
+    if first.startswith("#!"):
+        return value
+    if first != "#cloud-config":
+        raise RecipeError(file, key, f"text must start with '#cloud-config' (YAML) or '#!' (a script), not {first[:40]!r}; "
+                                     "or write the cloud-config as a TOML table [user_data]")
+    try:
+        import yaml
+    except ImportError:
+        raise RecipeError(file, key, "#cloud-config text needs PyYAML to be checked (pip install pyyaml, or Debian's "
+                                     "python3-yaml); or write it as a TOML table [user_data]") from None
+    try:
+        data = yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(file, key, f"not valid YAML{where}: {problem}") from None
+    if data is not None and not isinstance(data, dict):
+        raise RecipeError(file, key, f"#cloud-config must be a mapping, got {type(data).__name__}")
+    return value
+
+
+def _choice(choices: tuple[str, ...]) -> Check:
+    def check(file: str, key: str, value: str) -> str:
+        if value not in choices:
+            raise RecipeError(file, key, f"{value!r} is not one of {', '.join(choices)}")
+        return value
+    return check
+
+
 def _names(pattern: re.Pattern[str]) -> Check:
     return lambda file, key, value: _str_list(file, key, value, pattern)
 
@@ -149,27 +262,50 @@ class Setting:
     type: type | tuple[type, ...]
     check: Check
     help: str
-    required: bool = False
+    required: bool = False  # for the kinds that have it
+    kinds: tuple[Kind, ...] = tuple(Kind)  # the recipe kinds that have this key
 
 
 # Every key a recipe may have, once: the parser, the validator and `Recipe`'s fields follow this table
 # (`base` is resolved before the rest: see _with_base).
 SETTINGS: dict[str, Setting] = {
     "base": Setting(str, lambda f, k, v: v, "a recipe whose settings this one starts from"),
-    "kind": Setting(str, _one_of(Kind), "what builds it: tiny or debian", required=True),
+    "kind": Setting(str, _one_of(Kind), "what builds it: tiny, debian, cloud, or disk (a disk image you bring)",
+                    required=True),
     "arch": Setting(str, _one_of(Arch), "x86_64 or i386", required=True),
-    "kernel": Setting(str, _matching(_PKG_RE, "a valid package name"), "the kernel's Debian package", required=True),
+    "kernel": Setting(str, _matching(_PKG_RE, "a valid package name"), "the kernel's Debian package", required=True,
+                      kinds=BUILT_KINDS),
     "description": Setting(str, lambda f, k, v: v, "one line for `nestbed images list`"),
-    "suite": Setting(str, _matching(_SUITE_RE, "a Debian suite name"), "the Debian suite (default bookworm)"),
-    "extra_suites": Setting(list, _names(re.compile(r"^[a-z]+$")), "suffixes of further suites (default updates)"),
-    "packages": Setting(list, _names(_PKG_RE), "more Debian packages"),
-    "init": Setting(str, _one_of(InitMode), "fast (nestbed's init) or systemd"),
-    "disk_size": Setting(str, _matching(_SIZE_RE, "a size like 2G or 512M"), "the root disk's size"),
+    "suite": Setting(str, _matching(_SUITE_RE, "a Debian suite name"), "the Debian suite (default bookworm)",
+                     kinds=BUILT_KINDS),
+    "extra_suites": Setting(list, _names(re.compile(r"^[a-z]+$")), "suffixes of further suites (default updates)",
+                            kinds=BUILT_KINDS),
+    "packages": Setting(list, _names(_PKG_RE), "more Debian packages", kinds=BUILT_KINDS),
+    "init": Setting(str, _one_of(InitMode), "fast (nestbed's init) or systemd", kinds=(Kind.TINY, Kind.DEBIAN)),
+    "disk_size": Setting(str, _matching(_SIZE_RE, "a size like 2G or 512M"), "the root disk's size", kinds=BUILT_KINDS),
     "memory_mb": Setting(int, _within(64, 65536), "guest memory in MiB"),
     "vcpus": Setting(int, _within(1, 64), "guest vCPUs"),
-    "files": Setting(dict, _files, "absolute path -> text content, written into the image"),
-    "services": Setting(list, _names(re.compile(r"^[a-zA-Z0-9@._\-]+$")), "systemd units to enable"),
+    "files": Setting(dict, _files, "absolute path -> text content, written into the image", kinds=BUILT_KINDS),
+    "services": Setting(list, _names(re.compile(r"^[a-zA-Z0-9@._\-]+$")), "systemd units to enable",
+                        kinds=BUILT_KINDS),
     "ready_timeout": Setting((int, float), _seconds, "seconds until the guest must be ready"),
+    # kind = "disk" (docs/own-image.md)
+    "path": Setting(str, _disk_path, "the disk image (relative to this recipe's directory, or absolute)",
+                    required=True, kinds=(Kind.DISK,)),
+    "sha256": Setting(str, _matching(_SHA256_RE, "64 lowercase hex digits"), "the disk file's SHA-256, checked",
+                      kinds=(Kind.DISK,)),
+    "firmware": Setting(str, _choice(DISK_FIRMWARES), "auto (from the partition table), bios, uefi or uefi32",
+                        kinds=(Kind.DISK,)),
+    "format": Setting(str, _choice(DISK_FORMATS), "the disk's format (default: what qemu-img detects)",
+                      kinds=(Kind.DISK,)),
+    "login": Setting(dict, _login, "{ user = ..., key = PATH } or { user = ..., password = ... }: SSH without cloud-init",
+                     kinds=(Kind.DISK,)),
+    "cloud_init": Setting(bool, lambda f, k, v: v, "attach a cloud-init NoCloud seed (default true)", kinds=(Kind.DISK,)),
+    "user_data": Setting((str, dict), _user_data, "cloud-config (TOML table, or #cloud-config YAML) or a #! script "
+                         "added to the seed", kinds=(Kind.DISK,)),
+    "disk_interface": Setting(str, _choice(DRIVE_INTERFACES), "the disk's controller (default virtio)",
+                              kinds=(Kind.DISK,)),
+    "nic_model": Setting(str, _choice(NIC_MODELS), "the NIC QEMU emulates (default virtio-net-pci)", kinds=(Kind.DISK,)),
 }
 
 
@@ -224,18 +360,29 @@ def parse_recipe(path: Path, *, _chain: tuple[Path, ...] = ()) -> Recipe:
     for key in raw:
         if key not in SETTINGS:
             raise RecipeError(f, key, f"unknown key (known: {', '.join(sorted(SETTINGS))})")
+    kind = Kind.TINY
+    if isinstance(raw.get("kind"), str):
+        kind = _enum(f, "kind", raw["kind"], Kind)
     kw: dict[str, Any] = {"name": path.stem, "file": path}
     for key, setting in SETTINGS.items():
         if key not in raw:
-            if setting.required:
-                raise RecipeError(f, key, "required key is missing")
+            if setting.required and kind in setting.kinds:
+                raise RecipeError(f, key, "required key is missing" + ("" if setting.kinds == tuple(Kind)
+                                                                       else f" (kind {kind.value})"))
             continue
+        if kind not in setting.kinds:
+            raise RecipeError(f, key, f"not a key of kind {kind.value} recipes (it is for kind "
+                                      f"{', '.join(k.value for k in setting.kinds)})")
         value = raw[key]
-        if isinstance(value, bool) or not isinstance(value, setting.type):
-            want = setting.type.__name__ if isinstance(setting.type, type) else "number"
+        if isinstance(value, bool) is not (setting.type is bool) or not isinstance(value, setting.type):
+            want = setting.type.__name__ if isinstance(setting.type, type) else \
+                ("number" if setting.type == (int, float) else " or ".join(t.__name__ for t in setting.type))
             raise RecipeError(f, key, f"must be {want}, got {type(value).__name__} {value!r}")
         if key != "base":
             kw[key] = setting.check(f, key, value)
+    if kind is Kind.DISK and not kw.get("cloud_init", True) and "login" not in kw:
+        raise RecipeError(f, "login", "a disk recipe with cloud_init = false needs a login (user and key or password): "
+                                      "nothing else would let nestbed in")
     return Recipe(**kw)
 
 

@@ -78,7 +78,7 @@ class Image:
         return {
             "name": self.name, "kind": self.recipe.kind.value, "arch": self.recipe.arch.value,
             "built": built, "dir": str(self.dir),
-            "kernel": str(self.kernel) if built else None,
+            "kernel": str(self.path("kernel")) if built and self.path("kernel") else None,  # none: kind disk
             "initrd": str(self.initrd) if built and self.initrd else None,
             "disk": str(self.disk) if built and self.disk else None,
             "description": self.recipe.description,

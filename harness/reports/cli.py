@@ -37,9 +37,10 @@ COLLECT_TIMEOUT = 300.0
 def add_parsers(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:
     """Add ``report`` (with ``merge``, ``diff``) and ``matrix`` to the CLI's subparsers."""
     p = sub.add_parser("report", help="run the scenario matrix in parallel and write a report (or merge/diff reports)",
-                       usage="nestbed report [--tier T] [--shard I/N] [-n auto|N] [--out DIR] [-- PYTEST-ARGS...]\n"
+                       usage="nestbed report [--tier T] [--shard I/N] [-n auto|N] [--out DIR] [--host KIND] "
+                             "[-- PYTEST-ARGS...]\n"
                              "       nestbed report merge DIR... -o DIR\n       nestbed report diff OLD NEW")
-    p.add_argument("--tier", default="smoke", help="matrix tier: smoke (default), nightly, full")
+    p.add_argument("--tier", help="matrix tier: smoke (default; with --host: the host kind's tier), nightly, full")
     p.add_argument("--shard", metavar="I/N", help="run only shard I of N (CI jobs)")
     p.add_argument("-n", "--numprocesses", default="auto", metavar="auto|N",
                    help="pytest-xdist workers (default auto; 0 runs in one process)")
@@ -48,6 +49,9 @@ def add_parsers(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:
                    help="matrix file (default: matrix.toml of the scenario directory, else nestbed's built-in one)")
     p.add_argument("--scenarios", metavar="DIR",
                    help="scenario directory: your own test modules (default: nestbed's built-in scenarios)")
+    p.add_argument("--host", metavar="KIND", default="",
+                   help="run on a host kind of the matrix ([hosts.KIND], e.g. kvm-l1: nestbed inside an L1) "
+                        "instead of this machine; its report comes back to --out, labelled with its host kind")
     p.add_argument("--max-time", type=float, default=DEFAULT_MAX_TIME, metavar="S",
                    help=f"stop the run after S seconds (default {DEFAULT_MAX_TIME:.0f})")
     p.set_defaults(command=None, func=cmd_report, report_command=None)
@@ -99,7 +103,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
         return 0
     listing = collect_cells(path, args.tier)
     cells = [mx.Cell(c["nodeid"], c["params"], frozenset(c["markers"]), c["group"]) for c in listing["cells"]]
-    n = len(gh["include"])
+    n = sum(1 for e in gh["include"] if not e.get("host"))  # the other host kinds' jobs run their own tiers
     coords = {c["nodeid"]: c["coords"] for c in listing["cells"]}
     shards = mx.shard(cells, n)
     print(json.dumps({
@@ -211,6 +215,44 @@ def _stop(proc: subprocess.Popen[bytes], *, already_signalled: bool = False) -> 
         proc.wait(timeout=30)
 
 
+def host_kind_argv(args: argparse.Namespace, host: mx.HostKind, out: Path) -> list[str]:
+    """The ``nestbed in-l1 ... -- report ...`` command line that runs *host*'s tier there (pure: tested).
+
+    ``nestbed in-l1`` (:mod:`harness.tools.selfhost`) brings the report directory back out to *out*
+    and labels its host kind; the run inside uses the matrix and scenarios its wheel carries.
+    """
+    inner = ["report", "--tier", args.tier or host.tier, "--out", str(out), "--max-time", str(args.max_time)]
+    if args.shard:
+        inner += ["--shard", args.shard]
+    if str(args.numprocesses) != "auto":
+        inner += ["-n", str(args.numprocesses)]
+    extra = list(args.command or [])
+    return [sys.executable, "-m", "harness", "in-l1", *mx.in_l1_args(host), "--", *inner,
+            *(["--", *extra] if extra else [])]
+
+
+def cmd_report_on_host(args: argparse.Namespace, matrix: mx.Matrix) -> int:
+    """``nestbed report --host KIND``: the host kind's tier, run where that kind is (``nestbed in-l1``)."""
+    if args.host not in matrix.hosts:
+        raise UsageError(f"report: --host {args.host!r}: no [hosts.{args.host}] in {matrix.path} "
+                         f"(host kinds: {', '.join(matrix.hosts) or 'none'})")
+    if getattr(args, "matrix", None) or getattr(args, "scenarios", None):
+        raise UsageError("report: --host runs the scenarios and matrix that nestbed's wheel carries into the "
+                         "host; --matrix and --scenarios are not carried")
+    host = matrix.hosts[args.host]
+    matrix.tier(args.tier or host.tier)
+    out = Path(args.out).resolve() if args.out else rp.default_report_dir(DEFAULT_REPORTS, host=f"host-{host.name}")
+    if (out / "report.json").exists():
+        raise UsageError(f"report: {out} already holds a report (choose another --out)")
+    print(f"nestbed: report {args.tier or host.tier} on host kind {host.name} ({host.label}) -> {out}",
+          file=sys.stderr)
+    proc = run(host_kind_argv(args, host, out), timeout=host.timeout + 3600.0, check=False,
+               what=f"report on host kind {host.name}")
+    sys.stdout.write(proc.stdout)
+    sys.stderr.write(proc.stderr)
+    return proc.returncode
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from harness.core.progress import CellProgress
 
@@ -218,6 +260,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     scenarios = scenario_dir(args)
     matrix_path = matrix_file(args, scenarios)
     matrix = mx.load_matrix(matrix_path)  # a bad matrix or tier fails here, in one line, before any boot
+    if getattr(args, "host", ""):
+        return cmd_report_on_host(args, matrix)
+    args.tier = args.tier or "smoke"
     matrix.tier(args.tier)
     if args.shard:
         mx.parse_shard(args.shard)

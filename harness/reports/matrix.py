@@ -30,6 +30,16 @@ Format (every key is checked; an unknown key or a wrong type is a one-line
     [tiers.nightly]
     markers = ["smoke", "nightly"]    # cells with any of these markers (or all = true)
     shards = 4                        # how many CI jobs run this tier
+    [hosts.kvm-l1]                    # a host kind besides the CI runner's own level 0 (optional):
+                                      # `nestbed report --host kvm-l1` runs its cells there
+    label = "KVM host, emulated SVM"  # its row in the fleet report
+    accel = "kvm"                     # what [[expect]] host = ... matches there (HOST_KINDS)
+    runner = "in-l1"                  # how CI gets one (RUNNERS): nestbed inside an L1 of the runner
+    markers = ["smoke"]               # its cells: a tier of its own, named after it (rules: tiers = ["kvm-l1"])
+    strict = true                     # as a tier's
+    ci_tiers = ["nightly"]            # the CI tiers that run it as one more job beside their shards
+    images = ["tiny-x86_64"]          # what the runner carries in (in-l1: its --image list)
+    timeout = 10800                   # seconds the run there may take
 """
 
 from __future__ import annotations
@@ -46,6 +56,8 @@ from harness.errors import RecipeError, UsageError
 
 MATRIX_VERSION = 1
 RULE_KINDS = ("assign", "include", "exclude", "expect")
+RUNNERS = ("in-l1",)  # how a [hosts.NAME] kind is reached: nestbed inside an L1 of the CI runner
+HOST_KIND_TIMEOUT = 4 * 3600
 EXPECTABLE = ("skip", "xfail")
 HOST_KINDS = ("tcg", "kvm")  # what level 0 runs guests under (the probe's x86_64 verdict)
 # Arch suffixes of image names: the `guest` fixture's indirect parameter names an image, not an arch.
@@ -97,6 +109,28 @@ class Tier:
 
 
 @dataclass(frozen=True)
+class HostKind:
+    """A ``[hosts.NAME]`` table: a host kind CI reaches besides its runner's own level 0.
+
+    Its report is merged into the fleet as a row of its own, labelled *label*; *accel* is what
+    ``[[expect]] host = ...`` matches for its cells.
+    """
+
+    name: str
+    label: str
+    accel: str
+    runner: str
+    cells: Tier                   # what it runs: a tier named after the host kind
+    ci_tiers: tuple[str, ...] = ()
+    images: tuple[str, ...] = ()
+    timeout: int = HOST_KIND_TIMEOUT
+
+    @property
+    def tier(self) -> str:
+        return self.cells.name
+
+
+@dataclass(frozen=True)
 class Matrix:
     """A parsed, validated matrix file (frozen data; selection is done by the functions below)."""
 
@@ -104,14 +138,18 @@ class Matrix:
     axes: Mapping[str, Axis]
     tiers: Mapping[str, Tier]
     rules: tuple[Rule, ...] = ()
+    hosts: Mapping[str, HostKind] = field(default_factory=dict)
 
     def rules_of(self, kind: str) -> list[Rule]:
         return [r for r in self.rules if r.kind == kind]
 
     def tier(self, name: str) -> Tier:
-        if name not in self.tiers:
-            raise UsageError(f"{self.path}: no tier {name!r} (tiers: {', '.join(self.tiers)})")
-        return self.tiers[name]
+        """A tier by name; a host kind's name is the tier of the cells it runs."""
+        if name in self.tiers:
+            return self.tiers[name]
+        if name in self.hosts:
+            return self.hosts[name].cells
+        raise UsageError(f"{self.path}: no tier {name!r} (tiers: {', '.join([*self.tiers, *self.hosts])})")
 
 
 @dataclass(frozen=True)
@@ -163,7 +201,7 @@ def parse_matrix(text: str, file: str = "<matrix>") -> Matrix:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise MatrixError(file, "-", f"not valid TOML: {exc}") from None
-    _check_keys(file, "", data, ["version", "axes", "tiers", *RULE_KINDS])
+    _check_keys(file, "", data, ["version", "axes", "tiers", "hosts", *RULE_KINDS])
     version = data.get("version")
     if version != MATRIX_VERSION:
         raise MatrixError(file, "version", f"expected {MATRIX_VERSION}, got {version!r}")
@@ -193,21 +231,12 @@ def parse_matrix(text: str, file: str = "<matrix>") -> Matrix:
         where = f"tiers.{name}"
         tbl = _table(file, where, raw)
         _check_keys(file, where, tbl, ["markers", "all", "shards", "strict"])
-        markers = _str_list(file, f"{where}.markers", tbl.get("markers", []), allow_scalar=False)
-        every = tbl.get("all", False)
-        if not isinstance(every, bool):
-            raise MatrixError(file, f"{where}.all", f"expected true or false, got {every!r}")
-        shards = tbl.get("shards", 1)
-        if not isinstance(shards, int) or isinstance(shards, bool) or shards < 1:
-            raise MatrixError(file, f"{where}.shards", f"expected a positive integer, got {shards!r}")
-        if not markers and not every:
-            raise MatrixError(file, where, "selects nothing: give markers = [...] or all = true")
-        strict = tbl.get("strict", False)
-        if not isinstance(strict, bool):
-            raise MatrixError(file, f"{where}.strict", f"expected true or false, got {strict!r}")
-        tiers[name] = Tier(name, markers, every, shards, strict)
+        tiers[name] = _tier(file, where, name, tbl)
     if not tiers:
         raise MatrixError(file, "tiers", "no tiers defined")
+    hosts = {name: _host_kind(file, name, raw, tiers)
+             for name, raw in _table(file, "hosts", data.get("hosts", {})).items()}
+    rule_tiers_known = [*tiers, *hosts]
 
     rules: list[Rule] = []
     for kind in RULE_KINDS:
@@ -235,8 +264,9 @@ def parse_matrix(text: str, file: str = "<matrix>") -> Matrix:
             match = _str_list(file, f"{where}.match", tbl.get("match", []))
             rule_tiers = _str_list(file, f"{where}.tiers", tbl.get("tiers", []), allow_scalar=False)
             for t in rule_tiers:
-                if t not in tiers:
-                    raise MatrixError(file, f"{where}.tiers", f"unknown tier {t!r} (tiers: {', '.join(tiers)})")
+                if t not in rule_tiers_known:
+                    raise MatrixError(file, f"{where}.tiers",
+                                      f"unknown tier {t!r} (tiers: {', '.join(rule_tiers_known)})")
             reason = tbl.get("reason", "")
             if not isinstance(reason, str):
                 raise MatrixError(file, f"{where}.reason", f"expected a string, got {reason!r}")
@@ -250,7 +280,54 @@ def parse_matrix(text: str, file: str = "<matrix>") -> Matrix:
             if kind == "expect":
                 expect = _expectation(file, where, tbl, reason)
             rules.append(Rule(kind, i, cond, match, rule_tiers, reason, **expect))
-    return Matrix(file, axes, tiers, tuple(rules))
+    return Matrix(file, axes, tiers, tuple(rules), hosts)
+
+
+def _tier(file: str, where: str, name: str, tbl: Mapping[str, Any]) -> Tier:
+    """The selection keys of a [tiers.NAME] (or [hosts.NAME]) table, checked."""
+    markers = _str_list(file, f"{where}.markers", tbl.get("markers", []), allow_scalar=False)
+    every = tbl.get("all", False)
+    if not isinstance(every, bool):
+        raise MatrixError(file, f"{where}.all", f"expected true or false, got {every!r}")
+    shards = tbl.get("shards", 1)
+    if not isinstance(shards, int) or isinstance(shards, bool) or shards < 1:
+        raise MatrixError(file, f"{where}.shards", f"expected a positive integer, got {shards!r}")
+    if not markers and not every:
+        raise MatrixError(file, where, "selects nothing: give markers = [...] or all = true")
+    strict = tbl.get("strict", False)
+    if not isinstance(strict, bool):
+        raise MatrixError(file, f"{where}.strict", f"expected true or false, got {strict!r}")
+    return Tier(name, markers, every, shards, strict)
+
+
+def _host_kind(file: str, name: str, raw: Any, tiers: Mapping[str, Tier]) -> HostKind:
+    """A ``[hosts.NAME]`` table, checked: what the host kind is, and its cells (a tier named NAME)."""
+    where = f"hosts.{name}"
+    tbl = _table(file, where, raw)
+    _check_keys(file, where, tbl, ["label", "accel", "runner", "markers", "all", "strict", "ci_tiers", "images",
+                                   "timeout"])
+    if name in tiers:
+        raise MatrixError(file, where, f"a host kind's name is the tier of its cells: {name!r} is a tier already")
+    text: dict[str, str] = {}
+    for key in ("label", "accel", "runner"):
+        value = tbl.get(key)
+        if not isinstance(value, str) or not value:
+            raise MatrixError(file, f"{where}.{key}", f"missing or not a string: {value!r}")
+        text[key] = value
+    if text["accel"] not in HOST_KINDS:
+        raise MatrixError(file, f"{where}.accel", f"expected one of {list(HOST_KINDS)}, got {text['accel']!r}")
+    if text["runner"] not in RUNNERS:
+        raise MatrixError(file, f"{where}.runner", f"expected one of {list(RUNNERS)}, got {text['runner']!r}")
+    cells = _tier(file, where, name, tbl)
+    ci_tiers = _str_list(file, f"{where}.ci_tiers", tbl.get("ci_tiers", []), allow_scalar=False)
+    for t in ci_tiers:
+        if t not in tiers:
+            raise MatrixError(file, f"{where}.ci_tiers", f"unknown tier {t!r} (tiers: {', '.join(tiers)})")
+    images = _str_list(file, f"{where}.images", tbl.get("images", []), allow_scalar=False)
+    timeout = tbl.get("timeout", HOST_KIND_TIMEOUT)
+    if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout < 1:
+        raise MatrixError(file, f"{where}.timeout", f"expected a positive number of seconds, got {timeout!r}")
+    return HostKind(name, text["label"], text["accel"], text["runner"], cells, ci_tiers, images, timeout)
 
 
 def _expectation(file: str, where: str, tbl: Mapping[str, Any], reason: str) -> dict[str, Any]:
@@ -429,9 +506,31 @@ def shard(cells: Sequence[Cell], count: int, *, group: Callable[[Cell], str] | N
     return out
 
 
+def host_kinds_of(matrix: Matrix, ci_tier: str) -> list[HostKind]:
+    """The host kinds a CI run of *ci_tier* reaches besides its runner (``ci_tiers`` lists it)."""
+    return [h for h in matrix.hosts.values() if ci_tier in h.ci_tiers]
+
+
+def in_l1_args(host: HostKind) -> list[str]:
+    """``nestbed in-l1`` options for *host*: the images it carries in, the inner command's timeout."""
+    return [a for name in host.images for a in ("--image", name)] + ["--timeout", str(host.timeout)]
+
+
 def github_matrix(matrix: Matrix, tier: str, shards: int | None = None) -> dict[str, Any]:
-    """A GitHub Actions ``strategy.matrix`` object: one include entry per shard of *tier*."""
+    """A GitHub Actions ``strategy.matrix`` object: one include entry per shard of *tier*, then one per
+    host kind that *tier* also runs (:func:`host_kinds_of`: its own tier, as one shard, on that host).
+
+    When there are host kinds every entry says which it runs on (``host``, ``""``: the runner itself)
+    and what to call its job (``label``), so one job definition runs them all.
+    """
     n = shards if shards is not None else matrix.tier(tier).shards
     if n < 1:
         raise UsageError(f"--shards must be at least 1, got {n}")
-    return {"include": [{"tier": tier, "shard": f"{i}/{n}", "index": i, "total": n} for i in range(1, n + 1)]}
+    entries: list[dict[str, Any]] = [{"tier": tier, "shard": f"{i}/{n}", "index": i, "total": n}
+                                     for i in range(1, n + 1)]
+    hosts = host_kinds_of(matrix, tier)
+    if hosts:
+        entries = [{**e, "host": "", "label": f"shard {e['shard']}"} for e in entries]
+        entries += [{"tier": h.tier, "shard": "1/1", "index": n + i, "total": 1, "host": h.name, "label": h.label}
+                    for i, h in enumerate(hosts, 1)]
+    return {"include": entries}

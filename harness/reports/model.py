@@ -6,7 +6,8 @@ pytest or QEMU.  Rendering (HTML, Markdown) is :mod:`harness.reports.render`.
 
 A report directory holds ``report.json``, ``junit.xml``, ``index.html``, ``summary.md``,
 ``pytest.log`` and ``logs/`` (the guests' serial logs).  A fleet directory (``nestbed report
-merge``) holds ``fleet.json``, ``index.html`` and ``summary.md``: one row per host.
+merge``) holds ``fleet.json``, ``index.html`` and ``summary.md``: one row per host kind (:func:`host_kind`,
+:func:`host_key`), each with its own verdict of every cell.
 """
 
 from __future__ import annotations
@@ -240,13 +241,36 @@ def load(path: Path | str) -> dict[str, Any]:
     return doc
 
 
+# What a host kind is called when its report does not say (``host.kind`` is absent): from the probe's
+# x86_64 verdict, i.e. what level 0 ran the guests under.
+DERIVED_KIND_LABELS = {"kvm": "KVM host", "tcg": "TCG host (no usable KVM)"}
+
+
+def host_kind(host: Mapping[str, Any]) -> dict[str, Any]:
+    """A report's host kind: ``{label, accel, explicit}``.
+
+    A report made somewhere that knows more than its probe (nestbed inside an L1: "KVM host, emulated
+    SVM") carries ``host.kind`` with a ``label``; otherwise the kind follows from the probe's x86_64
+    verdict (:data:`DERIVED_KIND_LABELS`).  ``accel`` is what ``[[expect]] host = ...`` matched.
+    """
+    kind = host.get("kind")
+    verdict = ((host.get("accel") or {}).get("x86_64") or {}).get("chosen")
+    if isinstance(kind, Mapping) and isinstance(kind.get("label"), str) and kind["label"]:
+        return {**kind, "accel": kind.get("accel", verdict), "explicit": True}
+    label = DERIVED_KIND_LABELS.get(str(verdict), "unknown host kind") if verdict else "unknown host kind"
+    return {"label": label, "accel": verdict, "explicit": False}
+
+
 def host_key(host: Mapping[str, Any]) -> str:
-    """What makes two hosts the same row of a fleet grid: CPU model, kernel, QEMU version."""
+    """What makes two hosts the same row of a fleet grid: CPU model, kernel, QEMU version; led by the host
+    kind's label when the report names one (``host.kind``: an L1 that ran nestbed must not share a row
+    with a machine of the same CPU model, kernel and QEMU)."""
     cpu = host.get("cpu") or {}
     qemu = host.get("qemu") or {}
     qv = qemu.get("x86_64") if isinstance(qemu, dict) else qemu
-    return " | ".join([str(cpu.get("model") or "unknown CPU"), str(host.get("kernel") or "unknown kernel"),
-                       f"QEMU {qv or 'unknown'}"])
+    kind = host_kind(host)
+    return " | ".join([*([kind["label"]] if kind["explicit"] else []), str(cpu.get("model") or "unknown CPU"),
+                       str(host.get("kernel") or "unknown kernel"), f"QEMU {qv or 'unknown'}"])
 
 
 def as_hosts(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -255,7 +279,7 @@ def as_hosts(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
         return [dict(h) for h in doc["hosts"]]
     host = doc.get("host") or {}
     run = doc.get("run") or {}
-    return [{"key": host_key(host), "hostnames": [host.get("hostname") or "?"], "host": host,
+    return [{"key": host_key(host), "kind": host_kind(host), "hostnames": [host.get("hostname") or "?"], "host": host,
              "runs": [{"id": run.get("id"), "tier": run.get("tier"), "shard": run.get("shard"),
                        "started": run.get("started"), "source": doc.get("_source")}],
              "cells": {c["nodeid"]: _fleet_cell(c, doc.get("_source")) for c in doc["cells"]}}]
@@ -278,13 +302,15 @@ def merge(docs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     order = sorted(docs, key=lambda d: str((d.get("run") or {}).get("started") or d.get("generated") or ""))
     for doc in order:
         for h in as_hosts(doc):
-            row = rows.setdefault(h["key"], {"key": h["key"], "hostnames": [], "host": h["host"], "runs": [],
-                                             "cells": {}})
+            row = rows.setdefault(h["key"], {"key": h["key"], "kind": h.get("kind") or host_kind(h["host"]),
+                                             "hostnames": [], "host": h["host"], "runs": [], "cells": {}})
             for name in h.get("hostnames", []):
                 if name not in row["hostnames"]:
                     row["hostnames"].append(name)
             row["runs"].extend(h.get("runs", []))
             row["cells"].update(h["cells"])
+    for row in rows.values():
+        row["summary"] = summarize(row["cells"].values())
     hosts = sorted(rows.values(), key=lambda r: r["key"])
     return {"schema": FLEET_SCHEMA, "schema_version": SCHEMA_VERSION, "generated": iso(),
             "sources": [str(d.get("_source")) for d in docs], "hosts": hosts,

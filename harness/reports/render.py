@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from harness.core.publish import write_atomic
 from harness.errors import headline
-from harness.reports.model import BAD, OUTCOMES, host_key
+from harness.reports.model import BAD, OUTCOMES, host_key, host_kind, summarize
 from harness.reports.model import scenario_of as rp_scenario
 
 if TYPE_CHECKING:
@@ -265,6 +265,7 @@ def report_context(doc: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "title": f"nestbed report {run['id']}",
         "run": {"what": what, "hostname": _text(host.get("hostname", "?")), "host_key": host_key(host),
+                "host_kind": _text(host_kind(host)["label"]), "host_kind_how": _text(host_kind(host).get("how") or ""),
                 "started": _text(run["started"]), "finished": _text(run["finished"]),
                 "duration": fmt_seconds(run.get("duration_seconds")), "workers": _workers(run),
                 "version": _text(run.get("nestbed_version")), "schema_version": _text(doc["schema_version"]),
@@ -301,7 +302,8 @@ def report_markdown(doc: Mapping[str, Any]) -> str:
     lines = [f"## nestbed report {what} on {host.get('hostname', '?')}".rstrip(), "",
              f"**{s['total']} cells**: {counts} — {fmt_seconds(run.get('duration_seconds'))}, {_workers(run)}"
              + (" — **interrupted**" if run.get("interrupted") else ""), "",
-             f"Host: {host_key(host)}" + (f"; accel {accel}" if accel else ""), ""]
+             f"Host kind: **{_md(host_kind(host)['label'])}**; host: {host_key(host)}" + (f"; accel {accel}" if accel else ""),
+             ""]
     bad = [c for c in cells if c["outcome"] in BAD]
     if bad:
         lines += ["### Failures", ""]
@@ -341,7 +343,10 @@ def _fleet_row(h: Mapping[str, Any], cols: Sequence[str]) -> dict[str, Any]:
         o = c["outcome"]
         tip = f"{n}\n{LABEL[o]} in {fmt_seconds(c.get('duration_seconds'))}\n{c.get('reason') or ''}".strip()
         cells.append({"nodeid": n, "outcome": o, "label": LABEL[o], "title": tip})
-    return {"key": h["key"], "cpu": _text((host.get("cpu") or {}).get("model", "?")), "kernel": _text(host.get("kernel")),
+    kind = h.get("kind") or host_kind(host)
+    return {"key": h["key"], "kind": _text(kind.get("label")), "how": _text(kind.get("how") or ""),
+            "counts": _counts(h.get("summary") or summarize(h["cells"].values())),
+            "cpu": _text((host.get("cpu") or {}).get("model", "?")), "kernel": _text(host.get("kernel")),
             "qemu": _text(qemu.get("x86_64") if isinstance(qemu, dict) else qemu),
             "hostnames": ", ".join(h.get("hostnames") or []), "runs": len(h.get("runs") or []), "cells": cells}
 
@@ -364,7 +369,8 @@ def fleet_context(doc: Mapping[str, Any]) -> dict[str, Any]:
         "scenarios": scenarios,
         "columns": [{"nodeid": n, "label": n[len(rp_scenario(n)):].strip("[]") or "·"} for n in cols],
         "rows": [_fleet_row(h, cols) for h in hosts],
-        "hosts": [{"key": h["key"], "rows": _flatten(_host_rows(h.get("host") or {}))} for h in hosts],
+        "hosts": [{"key": h["key"], "kind": _text((h.get("kind") or host_kind(h.get("host") or {})).get("label")),
+                   "rows": _flatten(_host_rows(h.get("host") or {}))} for h in hosts],
         "sources": [_text(s) for s in doc.get("sources") or []],
     }
 
@@ -374,13 +380,28 @@ def fleet_html(doc: Mapping[str, Any]) -> str:
     return _render("fleet.html.j2", fleet_context(doc))
 
 
+def _kind_label(h: Mapping[str, Any]) -> str:
+    """A fleet row's host-kind label (rows of fleets merged before host kinds existed derive it)."""
+    return str((h.get("kind") or host_kind(h.get("host") or {})).get("label"))
+
+
 def fleet_markdown(doc: Mapping[str, Any]) -> str:
     hosts = doc["hosts"]
     cols = _fleet_columns(hosts)
     s = doc["summary"]
     counts = " · ".join(f"{ICON[o]} {s[o]} {o}" for o in OUTCOMES if s.get(o)) or "no cells"
     lines = [f"## nestbed fleet: {len(hosts)} host kind(s)", "", f"**{s['total']} cells**: {counts}", ""]
-    lines += ["| cell | " + " | ".join(_md(h["key"]) for h in hosts) + " |",
+    for h in hosts:
+        hs = h.get("summary") or summarize(h["cells"].values())
+        row_counts = ", ".join(f"{hs[o]} {o}" for o in OUTCOMES if hs.get(o)) or "no cells"
+        host = h.get("host") or {}
+        qemu = host.get("qemu")
+        what = (f"{(host.get('cpu') or {}).get('model', '?')}, kernel {host.get('kernel')}, "
+                f"QEMU {qemu.get('x86_64') if isinstance(qemu, dict) else qemu}")
+        how = (h.get("kind") or {}).get("how")
+        lines.append(f"- **{_md(_kind_label(h))}**: {_md(what)} — {row_counts}" + (f"  \n  {_md(how)}" if how else ""))
+    lines.append("")
+    lines += ["| cell | " + " | ".join(f"{_md(_kind_label(h))}" for h in hosts) + " |",
               "| --- | " + " | ".join("---" for _ in hosts) + " |"]
     for n in cols[:MD_ROW_LIMIT]:
         marks = []

@@ -59,9 +59,9 @@ class SSHTransport(TransportBase):
 
     name = "ssh"
 
-    def __init__(self, *, host: str, port: int, user: str, key_path: Path, host_key: str,
+    def __init__(self, *, host: str, port: int, user: str, key_path: Path | None, host_key: str,
                  sock: Any = None, timeout: float = CONNECT_TIMEOUT, name: str = "ssh",
-                 sock_factory: Any = None) -> None:
+                 sock_factory: Any = None, password: str | None = None) -> None:
         self.name = name
         self.host, self.port, self.user = host, port, user
         # Called with the error when the connection stalls (a channel that does not open in time,
@@ -69,14 +69,15 @@ class SSHTransport(TransportBase):
         # e.g. "level 1 froze" (harness.nested.L1Host.check_frozen).
         self.on_stall: Callable[[HarnessError], None] | None = None
         self.client = pinned_client(host_key, f"[{host}]:{port}" if port != 22 else host)
-        pkey = paramiko.Ed25519Key.from_private_key_file(str(key_path))
+        # Any key type for a user's own image's login (nestbed's own keys are ed25519); or a password.
+        pkey = paramiko.PKey.from_path(key_path) if key_path is not None else None
         deadline = time.monotonic() + timeout
         last: Exception | None = None
         with quiet_paramiko():
             while True:
                 try:
                     channel = sock_factory() if sock_factory else sock
-                    self.client.connect(host, port=port, username=user, pkey=pkey, sock=channel,
+                    self.client.connect(host, port=port, username=user, pkey=pkey, password=password, sock=channel,
                                         timeout=min(10.0, timeout), banner_timeout=min(10.0, timeout),
                                         auth_timeout=min(10.0, timeout), allow_agent=False,
                                         look_for_keys=False)
@@ -94,6 +95,12 @@ class SSHTransport(TransportBase):
                         raise TransportError(
                             f"{name}: SSH to {user}@{host}:{port} failed within {timeout:g} s: {last}") from None
                     time.sleep(RETRY_PAUSE)
+                except BaseException:
+                    # Interrupted mid-handshake (Ctrl-C, SIGTERM): stop paramiko's thread while it is still
+                    # quiet, or it logs the dead connection's traceback after the interruption's one line.
+                    with contextlib.suppress(Exception):
+                        self.client.close()
+                    raise
         transport = self.client.get_transport()
         assert transport is not None
         transport.set_keepalive(15)

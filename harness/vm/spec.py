@@ -59,8 +59,18 @@ class DiskFormat(enum.StrEnum):
 
 class DriveInterface(enum.StrEnum):
     VIRTIO = "virtio"
-    IDE = "ide"
-    SCSI = "scsi"
+    IDE = "ide"  # ide-hd: on q35 the ICH9 AHCI controller's ports, on "pc" PIIX IDE
+    SCSI = "scsi"  # virtio-scsi
+    SATA = "sata"  # ide-hd on an ich9-ahci controller of its own
+    LSI = "lsi"  # LSI 53C895A SCSI (what many VMware appliances' kernels know as "lsilogic")
+    PVSCSI = "pvscsi"  # VMware paravirtual SCSI
+    MEGASAS = "megasas"  # LSI MegaRAID SAS 1078
+
+    @property
+    def scsi_controller(self) -> str | None:
+        """The QEMU device of the SCSI host adapter this interface's disks hang on, or None."""
+        return {"scsi": "virtio-scsi-pci", "lsi": "lsi53c895a", "pvscsi": "pvscsi",
+                "megasas": "megasas"}.get(self.value)
 
 
 @dataclass(frozen=True)
@@ -169,6 +179,7 @@ class MachineSpec:
     qemu_binary: str | None = None  # None: qemu-system-<arch>
     extra_args: tuple[str, ...] = ()
     name: str = "guest"
+    vga: str = "none"  # "std" for guests whose firmware or bootloader talk to a screen (QMP screendump reads it)
 
     def __post_init__(self) -> None:
         if self.memory_mb < 16:
@@ -224,8 +235,11 @@ def _drive_args(index: int, drive: Drive) -> list[str]:
         args += ["-device", f"virtio-blk-pci,drive=drive{index}{serial}"]
     elif drive.interface is DriveInterface.IDE:
         args += ["-device", f"ide-hd,drive=drive{index}{serial}"]
+    elif drive.interface is DriveInterface.SATA:
+        args += ["-device", f"ide-hd,drive=drive{index},bus=ahci0.{index}{serial}"]
     else:
-        args += ["-device", f"scsi-hd,drive=drive{index},bus=scsi0.0{serial}"]
+        bus = "scsi0" if drive.interface is DriveInterface.SCSI else drive.interface.value + "0"
+        args += ["-device", f"scsi-hd,drive=drive{index},bus={bus}.0{serial}"]
     return args
 
 
@@ -262,7 +276,7 @@ def build_argv(spec: MachineSpec, endpoints: Endpoints) -> list[str]:
         "-nodefaults",
         "-no-user-config",
         "-display", "none",
-        "-vga", "none",
+        "-vga", spec.vga,
         "-no-reboot",  # a reboot (e.g. after a panic with panic=N) ends QEMU instead of looping
         "-chardev", endpoints.serial.qemu_opts("serial0"),
         "-serial", "chardev:serial0",
@@ -285,8 +299,12 @@ def build_argv(spec: MachineSpec, endpoints: Endpoints) -> list[str]:
             argv += ["-initrd", str(spec.initrd)]
         if spec.append:
             argv += ["-append", spec.append]
-    if any(d.interface is DriveInterface.SCSI for d in spec.drives):
-        argv += ["-device", "virtio-scsi-pci,id=scsi0"]
+    for iface in dict.fromkeys(d.interface for d in spec.drives):  # one host adapter per kind, in order of use
+        if iface.scsi_controller is not None:
+            ident = "scsi0" if iface is DriveInterface.SCSI else f"{iface.value}0"
+            argv += ["-device", f"{iface.scsi_controller},id={ident}"]
+        elif iface is DriveInterface.SATA:
+            argv += ["-device", "ich9-ahci,id=ahci0"]
     for i, drive in enumerate(spec.drives):
         argv += _drive_args(i, drive)
     for i, nic in enumerate(spec.nics):
