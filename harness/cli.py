@@ -89,7 +89,7 @@ def cmd_images_export(args: argparse.Namespace) -> int:
     image = images.get_image(args.name)
     with StepProgress(f"export {image.name} as {args.format}") as bar:
         out = export.export(image, args.format, Path(args.output), firmware=args.firmware,
-                            controller=args.controller, progress=bar)
+                            controller=args.controller, nic=args.nic, progress=bar)
     print(out)
     return 0
 
@@ -248,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="what the OVA's descriptor asks for (the disk boots under both; default bios)")
     ep.add_argument("--controller", choices=["ide", "pvscsi", "lsilogic"], default="ide",
                     help="the OVA's disk controller (default ide: the image's initramfs has ata_piix)")
+    ep.add_argument("--nic", choices=["e1000", "vmxnet3", "virtio"], default="e1000",
+                    help="the OVA's network adapter (default e1000; Debian's cloud kernel has vmxnet3, not e1000)")
     ep.set_defaults(func=cmd_images_export)
 
     rp = sub.add_parser("run", help="boot IMAGE, run CMD in it, print its output, exit with its status",

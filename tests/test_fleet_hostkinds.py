@@ -314,3 +314,16 @@ def test_the_nightly_workflow_runs_the_host_kind_as_a_job_and_merges_it() -> Non
         assert used <= set(entry), (used, entry)
     merge = " ".join(s.get("run", "") for s in wf["jobs"]["merge"]["steps"])
     assert "nestbed report merge --skip-missing shards/*" in merge
+
+
+def test_an_image_parameter_gives_its_arch_so_the_i386_rules_see_it() -> None:
+    """test_boot's tiny cells are parametrized by `image` (not the `guest` fixture): tiny-i386 is an i386 cell,
+    which the kvm-l1 host kind excludes."""
+    flat = mx.flatten_params({"image": "tiny-i386"})
+    assert flat == {"image": "tiny-i386", "arch": "i386"} and mx.config_label(flat) == "image=tiny-i386"
+    assert mx.flatten_params({"image": "tiny-i386", "arch": "x86_64"})["arch"] == "x86_64"  # an arch param wins
+    assert mx.flatten_params({"image": "appliance-web"}) == {"image": "appliance-web"}
+    m = mx.load_matrix(REPO / "scenarios" / "matrix.toml")
+    sel = mx.select(m, [mx.Cell(I386, flat, frozenset({"smoke"}))], "kvm-l1")
+    assert not sel.selected and "32-bit" in sel.deselected[0][1]
+    assert mx.select(m, [mx.Cell(I386, flat, frozenset({"smoke"}))], "smoke").selected  # L0 still runs it

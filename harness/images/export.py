@@ -82,18 +82,24 @@ def _rasd(fields: list[tuple[str, str]]) -> str:
     return "".join(f"        <rasd:{k}>{escape(v)}</rasd:{k}>\n" for k, v in sorted(fields))
 
 
-def check_choices(firmware: str, controller: str) -> None:
+# --nic: the OVF ResourceSubType each choice writes (VMware's names; harness/images/ovf.py reads them back).
+NICS = {"e1000": "E1000", "vmxnet3": "VmxNet3", "virtio": "virtio-net"}
+
+
+def check_choices(firmware: str, controller: str, nic: str = "e1000") -> None:
     if firmware not in ("bios", "uefi"):
         raise UsageError(f"export: firmware {firmware!r} is not bios or uefi")
     if controller not in CONTROLLERS:
         raise UsageError(f"export: controller {controller!r} is not one of {', '.join(CONTROLLERS)}")
+    if nic not in NICS:
+        raise UsageError(f"export: nic {nic!r} is not one of {', '.join(NICS)}")
 
 
 def ovf_descriptor(*, name: str, arch: Arch, debian: bool, vcpus: int, memory_mb: int, disk_href: str,
                    disk_file_size: int, capacity_bytes: int, firmware: str = "bios",
-                   controller: str = "ide") -> str:
+                   controller: str = "ide", nic: str = "e1000") -> str:
     """An OVF 1.0 envelope for one VM with one streamOptimized VMDK disk (pure)."""
-    check_choices(firmware, controller)
+    check_choices(firmware, controller, nic)
     rtype, subtype, cname = CONTROLLERS[controller]
     os_id, os_type, os_desc = OS_IDS[(debian, arch)]
     ctrl = [("ElementName", cname), ("InstanceID", "3"), ("ResourceType", rtype), ("Address", "0"),
@@ -151,8 +157,8 @@ ovf:format="{STREAM_OPTIMIZED}"/>
         ("InstanceID", "4"), ("Parent", "3"), ("ResourceType", "17")])}      </Item>
       <Item>
 {_rasd([("AddressOnParent", "7"), ("AutomaticAllocation", "true"), ("Connection", NETWORK),
-        ("Description", f'E1000 ethernet adapter on "{NETWORK}"'), ("ElementName", "Network adapter 1"),
-        ("InstanceID", "5"), ("ResourceSubType", "E1000"), ("ResourceType", "10")])}      </Item>
+        ("Description", f'{NICS[nic]} ethernet adapter on "{NETWORK}"'), ("ElementName", "Network adapter 1"),
+        ("InstanceID", "5"), ("ResourceSubType", NICS[nic]), ("ResourceType", "10")])}      </Item>
 {firmware_cfg}    </VirtualHardwareSection>
   </VirtualSystem>
 </Envelope>
@@ -194,11 +200,11 @@ def source_disk(image: Image, *, progress: Progress | None = None) -> tuple[Path
 
 
 def export(image: Image, fmt: str, out: Path, *, firmware: str = "bios", controller: str = "ide",
-           progress: Progress | None = None) -> Path:
+           nic: str = "e1000", progress: Progress | None = None) -> Path:
     """Write *image*'s bootable disk as *fmt* (ova, vmdk, vhd, vhdx, vdi, qcow2) at *out*, atomically."""
     if fmt not in FORMATS:
         raise UsageError(f"export: format {fmt!r} is not one of {', '.join(FORMATS)}")
-    check_choices(firmware, controller)
+    check_choices(firmware, controller, nic)
     out = Path(out)
     if out.is_dir():
         raise UsageError(f"export: {out} is a directory: name the file to write")
@@ -231,7 +237,7 @@ def export(image: Image, fmt: str, out: Path, *, firmware: str = "bios", control
             ovf = ovf_descriptor(name=image.name, arch=image.recipe.arch, debian=image.recipe.kind is Kind.DEBIAN,
                                  vcpus=image.recipe.vcpus, memory_mb=image.recipe.memory_mb, disk_href=disk_href,
                                  disk_file_size=vmdk.stat().st_size, capacity_bytes=capacity, firmware=firmware,
-                                 controller=controller).encode()
+                                 controller=controller, nic=nic).encode()
             ovf_name, mf_name = f"{image.name}.ovf", f"{image.name}.mf"
             mf = manifest({ovf_name: hashlib.sha256(ovf).hexdigest(), disk_href: _sha256(vmdk)}).encode()
             write_ova(tmp, [(ovf_name, ovf), (mf_name, mf), (disk_href, vmdk)])

@@ -391,7 +391,8 @@ def load_matrix(path: Path | str) -> Matrix:
 # --- cells and coordinates ----------------------------------------------------------------
 
 def flatten_params(params: Mapping[str, Any]) -> dict[str, str]:
-    """Parameters as strings; the ``guest`` fixture's ``(image, via)`` also gives ``image``, ``via``, ``arch``."""
+    """Parameters as strings; the ``guest`` fixture's ``(image, via)`` also gives ``image``, ``via``, ``arch``, and an
+    ``image`` parameter its ``arch`` (the suffix of its name)."""
     flat: dict[str, str] = {}
     for name, value in params.items():
         if name == "guest":
@@ -402,6 +403,13 @@ def flatten_params(params: Mapping[str, Any]) -> dict[str, str]:
                 flat.setdefault("via", str(via))
             for arch in _IMAGE_ARCHES:
                 if str(image).endswith(f"-{arch}"):
+                    flat.setdefault("arch", arch)
+            continue
+        if name == "image" and isinstance(value, str):
+            # An image parameter names its arch too (tiny-i386): the i386 rules must see it.
+            flat["image"] = value
+            for arch in _IMAGE_ARCHES:
+                if value.endswith(f"-{arch}"):
                     flat.setdefault("arch", arch)
             continue
         if isinstance(value, (tuple, list)):
@@ -436,6 +444,8 @@ def config_label(params: Mapping[str, str]) -> str:
             continue
         if name == "via" and "guest" in params:
             continue
+        if name == "arch" and params.get("image", "").endswith(f"-{value}"):
+            continue  # derived from the image's name
         parts.append(value if name == "guest" else f"{name}={value}")
     return " ".join(parts) or "default"
 
