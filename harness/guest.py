@@ -420,8 +420,12 @@ def boot(image: str | Image, *, options: BootOptions | None = None, log_dir: Pat
         if attempt == 1 and not own_disk and warmstart.enabled(opts.warm_start) and warmstart.eligible(
                 spec, qmp=qmp, nested=host is not None, firmware=opts.firmware is not None,
                 root_disk=opts.root_disk is not None) is None:
-            warm = warmstart.plan(spec, token, lambda t: spec_for(img, opts_resolved, t))
-            spec, token = warm.spec, warm.token
+            try:
+                warm = warmstart.plan(spec, token, lambda t: spec_for(img, opts_resolved, t))
+                spec, token = warm.spec, warm.token
+            except (HarnessError, OSError) as exc:
+                log.warning("warm start: %s boots without it: %s", img.name, headline(exc))
+                warm = None
         if warm is not None:
             machine = warmstart.machine_for(warm, log_dir=log_dir, qmp=qmp)
         else:
@@ -433,13 +437,16 @@ def boot(image: str | Image, *, options: BootOptions | None = None, log_dir: Pat
                 try:
                     machine.launch()  # a stream QEMU cannot load can end it before QMP answers
                     seconds = warmstart.restore(warm, machine)
-                except HarnessError as exc:
-                    # A state that does not load is dropped; this guest boots as before.
+                    if Via(via) is Via.SSH:
+                        # A restored guest whose SSH does not come back is a failed restore too.
+                        guest.transport = guest.connect_ssh(timeout=warmstart.SETTLE_TIMEOUT)
+                except (HarnessError, OSError) as exc:
+                    # A state that does not load is dropped; this guest boots as before (never restores again).
                     machine.kill()
-                    warmstart.drop(warm.key, headline(exc))
+                    warmstart.drop(warm.key, headline(exc), saved_at=warm.meta.get("saved_at"))
                     warm.cleanup()
                     warm = warmstart.plan(spec_for(img, opts_resolved, token), token,
-                                          lambda t: spec_for(img, opts_resolved, t))
+                                          lambda t: spec_for(img, opts_resolved, t), allow_restore=False)
                     machine = warmstart.machine_for(warm, log_dir=log_dir, qmp=qmp)
                     guest = Guest(img, machine, accel_reason=reason)
                     machine.launch()

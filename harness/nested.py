@@ -494,7 +494,7 @@ def _l1_facts(host: L1Host) -> dict[str, Any]:
     """L1's host facts, read by L1's python3; kept beside a warm-start state, whose L1 always shows the same."""
     key = host.guest.warm.get("key")
     kept = warmstart.warm_root() / f"{key}.facts-L{host.level}.json" if key else None
-    if kept is not None and kept.is_file():
+    if kept is not None and host.guest.warm.get("restored") and kept.is_file():
         with contextlib.suppress(OSError, ValueError):
             facts: dict[str, Any] = json.loads(kept.read_text())
             return facts

@@ -54,7 +54,7 @@ from harness.errors import CacheError, HarnessError, RestoreError
 from harness.images.store import Image
 from harness.vm import migrate
 from harness.vm.machine import Machine
-from harness.vm.spec import Chardev, DiskFormat, Drive, Endpoints, Forward, MachineSpec, build_argv, resolve_ports
+from harness.vm.spec import Accel, Chardev, DiskFormat, Drive, Endpoints, Forward, MachineSpec, build_argv, resolve_ports
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ FORMAT = 1  # bump when what a state holds, or how it is loaded, changes
 ENV = "NESTBED_WARM_START"
 ROOT_SERIAL = "nestbed-root"
 SETTLE_TIMEOUT = 30.0
-CAPTURE_LOCK_WAIT = 0.5  # another process capturing the same shape: let it, and run on cold
+CAPTURE_LOCK_WAIT = 0.5  # another process saving the same shape: wait this long at most, then run on unsaved
 RESEED = ("perl -e 'open(F,\"<\",\"/dev/urandom\") and ioctl(F,0x5207,0)' 2>/dev/null || "
           "python3 -c 'import fcntl;fcntl.ioctl(open(\"/dev/urandom\"),0x5207)' 2>/dev/null")
 
@@ -126,6 +126,11 @@ def eligible(spec: MachineSpec, *, qmp: bool, nested: bool, firmware: bool, root
     for d in spec.drives:
         if d.serial != ROOT_SERIAL and not (d.read_only or d.snapshot):
             return f"writable disk {d.path}"
+    args = list(spec.extra_args)
+    for opt, value in zip(args, args[1:], strict=False):
+        if opt in ("-drive", "-blockdev", "-hda", "-hdb", "-cdrom", "-virtfs", "-fsdev") and not any(
+                flag in value for flag in ("readonly=on", "read-only=on", "snapshot=on")):
+            return f"writable storage in extra_args ({opt} {value})"
     return None
 
 
@@ -137,15 +142,35 @@ def _file_facts(path: str) -> list[Any]:
     return [path, st.st_size, st.st_mtime_ns, st.st_ino]
 
 
+def host_cpu_facts() -> dict[str, Any]:
+    """What a KVM guest's CPU depends on beyond its argv: the host CPU, kernel, and KVM's nested setting."""
+    cpu: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            name, _, value = line.partition(":")
+            name = name.strip()
+            if name in ("vendor_id", "model name", "flags", "microcode") and name not in cpu:
+                cpu[name] = value.strip()
+    nested = {}
+    for mod in ("kvm_amd", "kvm_intel"):
+        with contextlib.suppress(OSError):
+            nested[mod] = Path(f"/sys/module/{mod}/parameters/nested").read_text().strip()
+    return {"cpu": cpu, "kernel": os.uname().release, "nested": nested}
+
+
 def state_key(spec: MachineSpec) -> str:
     """The hash of everything that shapes the state of *spec* (its root disk named by the image's path)."""
     canon = resolve_ports(spec, [1] * sum(len(n.forwards) for n in spec.nics))
     argv = build_argv(canon, Endpoints(serial=Chardev(fd=3), qmp=Chardev(fd=4)))
     files = sorted({p for p in _paths_in(argv) if os.path.exists(p)})
     binary = shutil.which(spec.binary) or spec.binary
-    blob = json.dumps({"format": FORMAT, "argv": argv, "binary": _file_facts(os.path.realpath(binary)),
-                       "files": [_file_facts(p) for p in files]}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+    shape: dict[str, Any] = {"format": FORMAT, "argv": argv, "binary": _file_facts(os.path.realpath(binary)),
+                             "files": [_file_facts(p) for p in files]}
+    if spec.accel is Accel.KVM:
+        # Under KVM the guest saw the host's CPU (its features, nested SVM/VMX): another host, kernel or
+        # `nested` setting is another state.  Under TCG the CPU is QEMU's model alone.
+        shape["host"] = host_cpu_facts()
+    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def _paths_in(argv: list[str]) -> list[str]:
@@ -181,24 +206,48 @@ def _overlay(base: Path, fmt: DiskFormat, into: Path) -> Path:
     return out
 
 
-def plan(spec: MachineSpec, token: str, respec: Any) -> Plan:
-    """Decide restore-or-capture for *spec*; *respec(token)* rebuilds the spec for another token."""
+def _complete(state: Path, needs_disk: bool) -> dict[str, Any] | None:
+    """The meta of a published state that has everything a restore needs, else None."""
+    try:
+        meta = json.loads((state / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or not isinstance(meta.get("token"), str) or not (state / "state").is_file():
+        return None
+    if needs_disk and not (state / "disk.qcow2").is_file():
+        return None
+    return meta
+
+
+def plan(spec: MachineSpec, token: str, respec: Any, *, allow_restore: bool = True) -> Plan:
+    """Decide restore-or-capture for *spec*; *respec(token)* rebuilds the spec for another token.
+
+    With *allow_restore* False (the fallback after a failed restore) the plan is always a boot.
+    """
     root = warm_root()
     _sweep_overlays(root)
     key = state_key(canonical(spec, token))
     state = root / key
-    overlay_dir = Path(paths.private_dir(root / f"overlay-{os.getpid()}-{secrets.token_hex(4)}"))
+    has_root = any(d.serial == ROOT_SERIAL for d in spec.drives)
     meta: dict[str, Any] = {}
-    if (state / "meta.json").is_file():
-        with contextlib.suppress(OSError, ValueError):
-            meta = json.loads((state / "meta.json").read_text())
+    if allow_restore and state.exists():
+        found = _complete(state, has_root)
+        if found is None:
+            drop(key, "the saved state is incomplete (meta.json, state or disk.qcow2 missing or unreadable)")
+        else:
+            meta = found
+    overlay_dir = Path(paths.private_dir(root / f"overlay-{os.getpid()}-{secrets.token_hex(4)}"))
     if meta:
         token = str(meta["token"])
         spec = respec(token)
     root_drive = next((d for d in spec.drives if d.serial == ROOT_SERIAL), None)
     if root_drive is not None:
         base = state / "disk.qcow2" if meta else root_drive.path
-        ov = _overlay(base, DiskFormat.QCOW2 if meta else root_drive.format, overlay_dir)
+        try:
+            ov = _overlay(base, DiskFormat.QCOW2 if meta else root_drive.format, overlay_dir)
+        except BaseException:
+            shutil.rmtree(overlay_dir, ignore_errors=True)
+            raise
         spec = spec.replace(drives=tuple(Drive(ov, DiskFormat.QCOW2, d.interface, False, False, d.serial, d.bootindex)
                                          if d is root_drive else d for d in spec.drives))
     return Plan(key=key, spec=spec, token=token, overlay_dir=overlay_dir, state=state if meta else None, meta=meta)
@@ -230,15 +279,30 @@ def settle(machine: Machine, *, timeout: float = SETTLE_TIMEOUT) -> None:
         raise RestoreError(f"{machine.spec.name}: the restored guest did not answer on serial: {exc}") from exc
 
 
-def drop(key: str, reason: str) -> None:
-    """Remove the state *key* (it failed to load); the next boot captures a new one."""
-    state = warm_root() / key
-    log.warning("warm start: dropping saved state %s: %s", key, reason)
-    with contextlib.suppress(Exception), lock_for(state).acquire(timeout=10):
-        old = state.with_name(f".{state.name}.{os.getpid()}-{secrets.token_hex(4)}.part")
-        with contextlib.suppress(FileNotFoundError):
-            state.rename(old)
-        shutil.rmtree(old, ignore_errors=True)
+def drop(key: str, reason: str, *, saved_at: str | None = None) -> None:
+    """Remove the state *key* (it failed to load) and what was kept beside it; the next boot saves a new one.
+
+    With *saved_at*, only that state: one another process saved since (after its own drop) stays.
+    """
+    from filelock import Timeout
+
+    root = warm_root()
+    state = root / key
+    try:
+        with lock_for(state).acquire(timeout=10):
+            if saved_at is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    if json.loads((state / "meta.json").read_text()).get("saved_at") != saved_at:
+                        return  # already replaced by a newer state
+            log.warning("warm start: dropping saved state %s: %s", key, reason)
+            old = state.with_name(f".{state.name}.{os.getpid()}-{secrets.token_hex(4)}.part")
+            with contextlib.suppress(FileNotFoundError):
+                state.rename(old)
+            shutil.rmtree(old, ignore_errors=True)
+            for kept in root.glob(f"{key}.*.json"):
+                kept.unlink(missing_ok=True)
+    except Timeout:
+        log.warning("warm start: could not drop saved state %s (%s): its lock was held for 10 s", key, reason)
 
 
 def capture(p: Plan, machine: Machine, image: Image, ready_seconds: float | None) -> float | None:
@@ -253,6 +317,7 @@ def capture(p: Plan, machine: Machine, image: Image, ready_seconds: float | None
     def make(tmp: Path) -> None:
         tmp.mkdir(mode=0o700)
         migrate.save_to_file(machine, tmp / "state")
+        (tmp / "state").chmod(0o400)
         saved["stopped"] = True
         if root_drive is not None:
             # The migration flushed and released the overlay: its bytes are the state's disk.
@@ -264,11 +329,15 @@ def capture(p: Plan, machine: Machine, image: Image, ready_seconds: float | None
                 "state_bytes": (tmp / "state").stat().st_size}
         write_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
 
+    target = warm_root() / p.key
+    has_root = root_drive is not None
     try:
-        publish(warm_root() / p.key, make, what=f"warm-start state ({image.name})", timeout=CAPTURE_LOCK_WAIT)
+        # "Exists" means complete: a damaged directory is replaced, not trusted.
+        publish(target, make, what=f"warm-start state ({image.name})", timeout=CAPTURE_LOCK_WAIT,
+                exists=lambda t: _complete(t, has_root) is not None)
     except CacheError:
         return None  # another process is saving this shape right now
-    except HarnessError as exc:
+    except (HarnessError, OSError) as exc:
         log.warning("warm start: could not save the state of %s: %s", image.name, exc)
     finally:
         if saved or machine.qmp is not None:

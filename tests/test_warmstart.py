@@ -80,6 +80,27 @@ def test_who_is_warm_started(tmp_path: Path) -> None:
     assert "writable disk" in str(warmstart.eligible(rw, **ok))
 
 
+def test_writable_storage_in_extra_args_is_not_warm_started(tmp_path: Path) -> None:
+    ok = dict(qmp=True, nested=False, firmware=False, root_disk=False)
+    rw = _spec(tmp_path, extra_args=("-drive", f"if=virtio,file={tmp_path / 'w.img'},format=raw"))
+    assert "writable storage" in str(warmstart.eligible(rw, **ok))
+    state_drive = _spec(tmp_path, extra_args=("-drive", f"if=none,id=s,file={tmp_path / 's.qcow2'},snapshot=on"))
+    assert warmstart.eligible(state_drive, **ok) is None
+
+
+def test_under_kvm_the_key_covers_the_host_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = _spec(tmp_path, accel=Accel.KVM, cpu="host")
+    facts = {"cpu": {"flags": "svm npt"}, "kernel": "6.1", "nested": {"kvm_amd": "1"}}
+    monkeypatch.setattr(warmstart, "host_cpu_facts", lambda: facts)
+    with_nested = _key(spec)
+    monkeypatch.setattr(warmstart, "host_cpu_facts", lambda: {**facts, "nested": {"kvm_amd": "0"}})
+    assert _key(spec) != with_nested  # nested turned off: the saved L1 would believe it still has SVM
+    tcg = _spec(tmp_path)
+    before = _key(tcg)
+    monkeypatch.setattr(warmstart, "host_cpu_facts", lambda: {"cpu": {"flags": "other"}})
+    assert _key(tcg) == before  # TCG's CPU is QEMU's model alone
+
+
 def test_the_switches(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(warmstart.ENV, raising=False)
     assert warmstart.enabled(None) is True
@@ -162,6 +183,32 @@ def test_a_state_that_does_not_load_is_dropped_and_the_guest_boots(caplog: pytes
     assert any("dropping saved state" in r.getMessage() and key in r.getMessage() for r in caplog.records)
     with boot("tiny-x86_64", options=opts) as g:
         assert g.warm["restored"] is True  # the new state loads
+
+
+@pytest.mark.boot
+def test_an_incomplete_state_is_dropped_not_trusted(caplog: pytest.LogCaptureFixture) -> None:
+    opts = BootOptions(accel=Accel.TCG, memory_mb=456)
+    with boot("debian-x86_64", options=opts) as g:
+        key = g.warm["key"]
+    (warmstart.warm_root() / key / "disk.qcow2").unlink()  # e.g. removed by hand, or a half-copied cache
+    with caplog.at_level(logging.WARNING, logger="harness.warmstart"), boot("debian-x86_64", options=opts) as g:
+        assert g.warm.get("restored") is False and g.warm.get("captured") is True, g.warm
+        assert g.check_output("cat /etc/debian_version").startswith("12")
+    assert any("incomplete" in r.getMessage() for r in caplog.records)
+    with boot("debian-x86_64", options=opts) as g:
+        assert g.warm["restored"] is True
+
+
+@pytest.mark.boot
+@pytest.mark.usefixtures("tiny_images")
+def test_a_restored_guest_can_take_a_reset_point() -> None:
+    opts = BootOptions(accel=Accel.TCG, memory_mb=248, reset=True)
+    for _ in range(2):
+        with boot("tiny-x86_64", options=opts) as g:
+            g.check_output("touch /tmp/after-ready")
+            g.reset()
+            assert g.run("test -e /tmp/after-ready").exit_status == 1
+    assert g.warm["restored"] is True
 
 
 @pytest.mark.boot
