@@ -437,6 +437,8 @@ def boot(image: str | Image, *, options: BootOptions | None = None, log_dir: Pat
                 try:
                     machine.launch()  # a stream QEMU cannot load can end it before QMP answers
                     seconds = warmstart.restore(warm, machine)
+                    if opts.reset:
+                        guest.take_reset_point()  # before SSH connects, as for a booted guest
                     if Via(via) is Via.SSH:
                         # A restored guest whose SSH does not come back is a failed restore too.
                         guest.transport = guest.connect_ssh(timeout=warmstart.SETTLE_TIMEOUT)
@@ -474,7 +476,7 @@ def boot(image: str | Image, *, options: BootOptions | None = None, log_dir: Pat
                     paused = warmstart.capture(warm, machine, img, guest.ready_seconds)
                     guest.warm = {"restored": False, "key": warm.key, "captured": paused is not None,
                                   "capture_seconds": round(paused, 3) if paused is not None else None}
-            if opts.reset:
+            if opts.reset and guest.reset_tag is None:
                 guest.take_reset_point()  # before SSH connects: a connection in the snapshot would be dead
         except ConsoleTimeout as exc:
             machine.kill()  # never became usable: nothing to shut down gracefully

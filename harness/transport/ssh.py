@@ -77,9 +77,16 @@ class SSHTransport(TransportBase):
             while True:
                 try:
                     channel = sock_factory() if sock_factory else sock
+                    # A connection that got through waits for the banner as long as the guest needs: sshd
+                    # forks and re-executes itself per connection, which takes tens of seconds in a 32-bit
+                    # guest under TCG inside an emulated L1.  Giving up after 10 s and connecting again only
+                    # piled more half-started sshd children on that guest (seen: "Error reading SSH protocol
+                    # banner" for 300 s).  A refused connection (nothing listening yet) still retries at once.
+                    left = max(1.0, deadline - time.monotonic())
+                    slow = max(10.0, min(left, timeout / 2))
                     self.client.connect(host, port=port, username=user, pkey=pkey, password=password, sock=channel,
-                                        timeout=min(10.0, timeout), banner_timeout=min(10.0, timeout),
-                                        auth_timeout=min(10.0, timeout), allow_agent=False,
+                                        timeout=min(10.0, timeout), banner_timeout=slow,
+                                        auth_timeout=slow, allow_agent=False,
                                         look_for_keys=False)
                     break
                 except paramiko.BadHostKeyException as exc:
