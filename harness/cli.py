@@ -179,7 +179,8 @@ def cmd_soak(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else paths.log_root() / f"soak-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
     with StepProgress(f"soak {args.tier} x{args.runs}") as bar:
         report = soak.run_soak(args.runs, tier=args.tier, out_dir=out, timeout=args.timeout, say=bar,
-                               scenarios=Path(args.scenarios).resolve() if args.scenarios else None)
+                               scenarios=Path(args.scenarios).resolve() if args.scenarios else None,
+                               extra=list(args.command or []))
     print(soak.render(report))
     print(f"junit files and logs: {out}")
     return 0 if report.green else 1
@@ -319,14 +320,16 @@ def build_parser() -> argparse.ArgumentParser:
     il.add_argument("--timeout", type=float, default=900.0, metavar="S", help="limit for the inner command")
     il.set_defaults(func=cmd_in_l1, command=None)
 
-    sk = sub.add_parser("soak", help="repeat a scenario tier and report flaky tests (exit 1 if any test flaked "
-                                     "or failed, or a run gave no results)")
+    sk = sub.add_parser("soak", help="repeat a scenario tier and report flaky tests; -- PYTEST_ARGS go to each "
+                                     "run (exit 1 if any test flaked or failed, or a run gave no results)",
+                        usage="nestbed soak [--runs N] [--tier MARKER] [--out DIR] [--scenarios DIR] [--timeout S] "
+                              "[-- PYTEST_ARGS...]")
     sk.add_argument("--runs", type=int, default=10, metavar="N", help="how many times (default 10)")
     sk.add_argument("--tier", default="smoke", metavar="MARKER", help="scenario marker to run (default smoke)")
     sk.add_argument("--out", metavar="DIR", help="where the JUnit files and logs go (default: <cache>/logs/soak-*)")
     sk.add_argument("--scenarios", metavar="DIR", help="scenario directory (default: nestbed's built-in scenarios)")
     sk.add_argument("--timeout", type=float, default=3600.0, metavar="S", help="limit per run (default 3600)")
-    sk.set_defaults(func=cmd_soak)
+    sk.set_defaults(func=cmd_soak, command=None)  # -- PYTEST_ARGS: passed to each run, e.g. -- -n 2
     return p
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from harness import guestfacts
-from harness.errors import ImageBuildError
+from harness.errors import GuestPanic, ImageBuildError
 from harness.guest import BootOptions, Guest, probe_host
 from harness.guestfacts import FEATURES_BY_NAME, PV_FEATURES, ParavirtFacts
 from harness.images import store as images
@@ -161,6 +161,13 @@ def test_hyperv_enlightenments(request: pytest.FixtureRequest, nestbed_facts: di
 XEN_L1 = "l1-host-backports"
 XEN_ACCEL_OPTS = ("xen-version=0x4000a", "kernel-irqchip=split")
 XEN_ACCEL = "kvm," + ",".join(XEN_ACCEL_OPTS)
+# A known issue, declared with its evidence (RELIABILITY.md, "Known issues"): in the nightly run of 2026-12-01
+# this cell's Xen L2 (2 vCPUs, in the 1-vCPU backports L1 booted with CX16 hidden, L0 on TCG) panicked 8.5 s
+# after boot with this line, then "Kernel panic - not syncing: Fatal exception in interrupt"; the same cell
+# passed an hour earlier alone.  Only this signature, on a TCG level 0, turns into an xfail (whose reason the
+# report and `report diff` show); any other failure fails.  Lapses on XEN_PANIC_UNTIL.
+XEN_PANIC = "BUG: ENTRY_TRAMPOLINE stack guard page was hit"
+XEN_PANIC_UNTIL = "2027-03-01"
 
 
 @pytest.mark.nightly
@@ -186,7 +193,8 @@ def test_xen_hvm_guest_on_l1_kvm(nestbed_facts: dict[str, Any]) -> None:
             pytest.skip(f"Xen HVM emulation needs KVM in L1: {l1.accel['x86_64']['reason']}")
         # A disk-less guest: under the Xen HVM emulation Debian's initramfs never saw its virtio-blk
         # root disk ("Gave up waiting for root file system device"), so the L2 is the tiny image.
-        with l1.inner("tiny-x86_64", options=BootOptions(vcpus=2, accel=Accel.KVM, accel_opts=XEN_ACCEL_OPTS)) as g:
+        with _known_xen_panic(l0_accel), \
+                l1.inner("tiny-x86_64", options=BootOptions(vcpus=2, accel=Accel.KVM, accel_opts=XEN_ACCEL_OPTS)) as g:
             # Evidence that L2's QEMU really runs with the Xen options: its command line in L1.
             assert isinstance(g.machine, InnerMachine)
             cmdline = l1.ssh.check_output(f"tr '\\0' ' ' < /proc/$(cat {g.machine.remote_dir}/qemu.pid)/cmdline")
@@ -202,6 +210,20 @@ def test_xen_hvm_guest_on_l1_kvm(nestbed_facts: dict[str, Any]) -> None:
             # QEMU exited 0 here.  Poweroff takes either; the status is a compatibility fact.
             nestbed_facts["l2_qemu_exit_status_at_poweroff"] = rc
             nestbed_facts["l2_qemu_stderr_tail"] = g.machine.stderr_text()[-500:]
+
+
+@contextlib.contextmanager
+def _known_xen_panic(l0_accel: Accel) -> Iterator[None]:
+    try:
+        yield
+    except GuestPanic as exc:
+        import datetime
+
+        lapsed = datetime.date.today() > datetime.date.fromisoformat(XEN_PANIC_UNTIL)
+        if l0_accel is Accel.TCG and XEN_PANIC in exc.serial_tail and not lapsed:
+            pytest.xfail(f"known issue (until {XEN_PANIC_UNTIL}, RELIABILITY.md): the Xen L2 hit '{XEN_PANIC}' "
+                         f"under L1's KVM on TCG's emulated SVM; serial tail ends: {exc.serial_tail[-300:]!r}")
+        raise
 
 
 # -- virtio ----------------------------------------------------------------------------------

@@ -154,10 +154,13 @@ def test_harness_killed_mid_boot_leaves_no_qemu(sig: signal.Signals) -> None:
             proc.wait(timeout=10)
 
 
-def test_sweep_kills_qemu_of_a_dead_owner() -> None:
+def test_sweep_kills_qemu_of_a_dead_owner(tmp_path: Path) -> None:
     # A stand-in for a QEMU whose harness died without PR_SET_PDEATHSIG firing: a real
-    # QEMU process naming a run directory whose owner PID is gone.
-    run = paths.new_run_dir("sweeptest")
+    # QEMU process naming a run directory whose owner PID is gone.  In a run root of its own:
+    # the other worker's launches sweep the shared one, and would take this QEMU first.
+    root = tmp_path / "run"
+    run = root / "sweeptest-1"
+    run.mkdir(parents=True, mode=0o700)
     dead = subprocess.Popen(["true"])
     dead.wait()
     (run / "owner").write_text(str(dead.pid))
@@ -167,7 +170,7 @@ def test_sweep_kills_qemu_of_a_dead_owner() -> None:
         deadline = time.monotonic() + 20
         while not (run / "qemu.pid").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        killed = sweep_stale_runs()
+        killed = sweep_stale_runs(root)
         assert qemu.pid in killed
         assert qemu.wait(timeout=10) == -signal.SIGKILL
         assert not run.exists()

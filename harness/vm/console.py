@@ -26,14 +26,14 @@ TAIL_BYTES = 16384
 class SocketSpawn(SpawnBase):
     """A pexpect spawn over a connected socket, fed by a draining thread."""
 
-    def __init__(self, sock: socket.socket, logfile: IO[bytes], *, timeout: float = 30.0) -> None:
+    def __init__(self, sock: socket.socket, logfile: IO[bytes], *, timeout: float = 30.0, note: bytes = b"") -> None:
         super().__init__(timeout=timeout, maxread=READ_CHUNK, searchwindowsize=None,
                          encoding="utf-8", codec_errors="replace")
         self._sock = sock
         self._log = logfile
         self._queue: queue.Queue[tuple[bytes, float] | None] = queue.Queue()
         self.arrived_at = 0.0  # monotonic arrival time of the newest chunk handed to pexpect
-        self._tail = bytearray()
+        self._tail = bytearray(note)  # e.g. "[nestbed] restored from a saved state": the tail says so too
         self._tail_lock = threading.Lock()
         self._reader = threading.Thread(target=self._drain, name="nestbed-serial", daemon=True)
         self._reader.start()

@@ -257,7 +257,8 @@ class Machine:
     def _attach(self, serial: Any, qmp: socket.socket | None) -> None:
         """Start reading the console and connect QMP (QEMU is running)."""
         assert self._serial_log is not None
-        self.console = SocketSpawn(serial, self._serial_log)
+        self.console = SocketSpawn(serial, self._serial_log,
+                                   note=f"[nestbed] {self.log_note}\n".encode() if self.log_note else b"")
         self.runstate = Runstate.RUNNING
         if qmp is not None:
             self._connect_qmp(qmp)
