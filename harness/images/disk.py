@@ -53,7 +53,6 @@ log = logging.getLogger(__name__)
 DISK_VERSION = 1
 CONVERT_VERSION = 1
 CONVERT_TIMEOUT = 1800.0
-HASH_CHUNK = 1 << 20
 OWN_DISK_KINDS = (Kind.DISK, Kind.CLOUD)  # booted by their own bootloader, reached through a seed or a login
 # (format, subformat) → why it is converted to qcow2 once instead of being booted as it is.
 CONVERT: dict[tuple[str, str], str] = {
@@ -65,11 +64,9 @@ MARKER_POLL = 2.0  # seconds per wait on the serial console between SSH probes (
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
+    """The file's SHA-256, hex (the one helper: export and the OVF reader's callers use it too)."""
     with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def signature(path: Path) -> list[int]:

@@ -33,13 +33,13 @@ from harness.core.publish import publish, scratch_name
 from harness.core.run import run
 from harness.errors import ImageBuildError, ImageNotBuilt, UsageError
 from harness.images import bootdisk
+from harness.images.disk import sha256_file
 from harness.images.recipes import Kind
 from harness.images.store import Image
 from harness.vm.spec import Arch
 
 CONVERT_TIMEOUT = 1800.0  # a few GiB through zlib (streamOptimized) on a slow, shared machine
 INFO_TIMEOUT = 60.0
-CHUNK = 1 << 20
 Progress = Callable[[str], None]
 
 
@@ -170,14 +170,6 @@ def manifest(digests: dict[str, str]) -> str:
     return "".join(f"SHA256({name})= {hexd}\n" for name, hexd in digests.items())
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _info(path: Path, fmt: str | None = None) -> dict[str, object]:
     proc = run(["qemu-img", "info", *(["-f", fmt] if fmt else []), "--output=json", str(path)],
                timeout=INFO_TIMEOUT, what=f"qemu-img info {path.name}", error=ImageBuildError)
@@ -239,7 +231,7 @@ def export(image: Image, fmt: str, out: Path, *, firmware: str = "bios", control
                                  disk_file_size=vmdk.stat().st_size, capacity_bytes=capacity, firmware=firmware,
                                  controller=controller, nic=nic).encode()
             ovf_name, mf_name = f"{image.name}.ovf", f"{image.name}.mf"
-            mf = manifest({ovf_name: hashlib.sha256(ovf).hexdigest(), disk_href: _sha256(vmdk)}).encode()
+            mf = manifest({ovf_name: hashlib.sha256(ovf).hexdigest(), disk_href: sha256_file(vmdk)}).encode()
             write_ova(tmp, [(ovf_name, ovf), (mf_name, mf), (disk_href, vmdk)])
         finally:
             shutil.rmtree(work, ignore_errors=True)
