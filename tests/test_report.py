@@ -228,6 +228,26 @@ def test_serial_logs_in_the_report_dir_are_relative(tmp_path: Path) -> None:
     assert 'href="logs/t/serial.log"' in page and "<svg" in page and "2.4 s" in page
 
 
+def test_a_failed_cell_shows_the_screen_of_a_guest_that_was_never_reached(tmp_path: Path) -> None:
+    shot = tmp_path / "logs" / "t" / "appliance-screen.png"
+    shot.parent.mkdir(parents=True)
+    shot.write_bytes(b"\x89PNG\r\n\x1a\n")
+    text = (f"GuestNotReached: no ready marker from cloud-init on the serial console within 20 s (it printed "
+            f"nothing on the serial console); its screen then: {shot}")
+    phases = [{"nodeid": "s.py::t", "when": "call", "outcome": "failed", "duration": 21.0, "crash": text,
+               "longrepr": text}]
+    cell = rp.cell_from_phases(phases)
+    assert cell["artifacts"]["screenshots"] == [str(shot)]
+    doc = rp.build_report([cell], rp.RunInfo(started=0, finished=30), HOST, out_dir=tmp_path)
+    assert rp.validate(doc) == []
+    assert doc["cells"][0]["artifacts"]["screenshots"] == ["logs/t/appliance-screen.png"]
+    page = report_render.report_html(doc)
+    assert '<img src="logs/t/appliance-screen.png"' in page
+    # A cell without one shows none.
+    other = rp.cell_from_phases([{**phases[0], "crash": "boom", "longrepr": "boom"}])
+    assert other["artifacts"]["screenshots"] == []
+
+
 # --- merge and diff ------------------------------------------------------------------------
 
 def _phases(nodeid: str, outcome: str, reason: str | None = None) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -126,9 +127,19 @@ def cell_from_phases(phases: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "facts": dict(nb.get("facts") or {}),
         "guests": guests,
         "l1_host": props.get("nestbed-l1"),
-        "artifacts": {"serial_logs": [g["serial_log"] for g in guests if g.get("serial_log")]},
+        "artifacts": {"serial_logs": [g["serial_log"] for g in guests if g.get("serial_log")],
+                      "screenshots": screenshots_in(str(longrepr or ""))},
         "longrepr": (str(longrepr)[-LONGREPR_LIMIT:] if longrepr else None),
     }
+
+
+# harness.images.disk.GuestNotReached says where the screen of a guest that was never reached was saved.
+SCREENSHOT_RE = re.compile(r"its screen then: (\S+\.(?:png|ppm))")
+
+
+def screenshots_in(text: str) -> list[str]:
+    """The screenshots a failure's text names (QMP screendumps of guests that never became reachable)."""
+    return list(dict.fromkeys(SCREENSHOT_RE.findall(text)))
 
 
 def summarize(cells: Iterable[Mapping[str, Any]]) -> dict[str, int]:
@@ -175,7 +186,8 @@ def build_report(cells: Sequence[dict[str, Any]], run: RunInfo, host: Mapping[st
     for c in cells:
         c = dict(c)
         c["guests"] = [{**g, "serial_log": _relativize(g.get("serial_log"), out_dir)} for g in c["guests"]]
-        c["artifacts"] = {"serial_logs": [_relativize(p, out_dir) for p in c["artifacts"]["serial_logs"]]}
+        c["artifacts"] = {"serial_logs": [_relativize(p, out_dir) for p in c["artifacts"]["serial_logs"]],
+                          "screenshots": [_relativize(p, out_dir) for p in c["artifacts"].get("screenshots", [])]}
         fixed.append(c)
     return {
         "schema": REPORT_SCHEMA,

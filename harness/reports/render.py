@@ -273,7 +273,8 @@ def report_context(doc: Mapping[str, Any]) -> dict[str, Any]:
         "counts": _counts(doc["summary"]),
         "grid": grid(cells),
         "failures": [{"index": i, "outcome": c["outcome"], "nodeid": c["nodeid"], "reason": _reason(c),
-                      "logs": list(c["artifacts"]["serial_logs"])}
+                      "logs": list(c["artifacts"]["serial_logs"]),
+                      "screenshots": list(c["artifacts"].get("screenshots") or [])}
                      for i, c in enumerate(cells) if c["outcome"] in BAD],
         "chart": boot_chart(cells),
         "host_rows": _flatten(_host_rows(host)),
