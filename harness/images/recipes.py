@@ -209,6 +209,21 @@ def _login(file: str, key: str, value: dict[str, Any]) -> Login:
     return Login(user, key=_disk_path(file, f"{key}.key", value["key"]))
 
 
+def _non_string_key(data: object) -> object | None:
+    """The first mapping key anywhere in *data* that is not a string (YAML allows ``0:`` or ``[a]:``), or None."""
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for k, v in item.items():
+                if not isinstance(k, str):
+                    return k
+                stack.append(v)
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
 def _user_data(file: str, key: str, value: str | dict[str, Any]) -> str | dict[str, Any]:
     """A table (cloud-config as TOML), or text: ``#cloud-config`` YAML (a mapping) or a ``#!`` script."""
     if isinstance(value, dict):
@@ -231,8 +246,13 @@ def _user_data(file: str, key: str, value: str | dict[str, Any]) -> str | dict[s
         where = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise RecipeError(file, key, f"not valid YAML{where}: {problem}") from None
+    except (ValueError, RecursionError) as exc:  # PyYAML's own: a date like 0000-00-00, nesting too deep
+        raise RecipeError(file, key, f"not valid YAML: {type(exc).__name__}: {exc}") from None
     if data is not None and not isinstance(data, dict):
         raise RecipeError(file, key, f"#cloud-config must be a mapping, got {type(data).__name__}")
+    bad = _non_string_key(data)
+    if bad is not None:
+        raise RecipeError(file, key, f"#cloud-config keys must be strings, not {bad!r} (quote it)")
     return value
 
 

@@ -24,6 +24,7 @@ needs a YAML library (only checking a recipe's YAML text does: :mod:`harness.ima
 from __future__ import annotations
 
 import copy
+import datetime
 import hashlib
 import json
 import os
@@ -146,11 +147,18 @@ def _recipe_parts(extra: str | dict[str, Any]) -> tuple[dict[str, Any], str | No
     return data or {}, None
 
 
+def _json_value(value: object) -> str:
+    """Dates and times (TOML and YAML both have them) as the ISO text cloud-init's YAML would read back."""
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    raise UsageError(f"user-data: a {type(value).__name__} value cannot go into a cloud-config")
+
+
 def user_data(*, hostname: str, public_key: str, extra: str | dict[str, Any] = "") -> str:
     """The seed's ``user-data``: one ``#cloud-config`` document, or a MIME multipart with the recipe's script."""
     config, script = _recipe_parts(extra)
     text = "#cloud-config\n" + json.dumps(merge(nestbed_config(hostname=hostname, public_key=public_key), config),
-                                          indent=2, sort_keys=True) + "\n"
+                                          indent=2, sort_keys=True, default=_json_value) + "\n"
     if script is None:
         return text
     mime = MIMEMultipart(boundary="==nestbed-seed==")  # a fixed boundary: the same inputs give the same seed
