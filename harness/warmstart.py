@@ -340,28 +340,18 @@ def capture(p: Plan, machine: Machine, image: Image, ready_seconds: float | None
     except (HarnessError, OSError) as exc:
         log.warning("warm start: could not save the state of %s: %s", image.name, exc)
     finally:
-        if saved or machine.qmp is not None:
-            with contextlib.suppress(HarnessError):
-                if _paused(machine):
-                    migrate.resume(machine)
+        with contextlib.suppress(HarnessError):
+            if _paused(machine):  # stopped by the save, whether or not it finished
+                migrate.resume(machine)
     return time.monotonic() - started if saved else None
 
 
 def _paused(machine: Machine) -> bool:
+    if machine.qmp is None:
+        return False
     try:
-        status = machine.qmp.cmd("query-status") if machine.qmp is not None else {}
+        status = machine.qmp.cmd("query-status")
     except Exception:  # noqa: BLE001 - a gone QEMU is not paused
         return False
     return bool(status.get("status") != "running")
 
-
-def states() -> list[dict[str, Any]]:
-    """Every saved state in this cache (its meta and size), newest first."""
-    out = []
-    root = paths.cache_root() / "warm"
-    for meta in root.glob("*/meta.json") if root.is_dir() else []:
-        with contextlib.suppress(OSError, ValueError):
-            m = json.loads(meta.read_text())
-            m["bytes"] = sum(f.stat().st_size for f in meta.parent.iterdir())
-            out.append(m)
-    return sorted(out, key=lambda m: str(m.get("saved_at")), reverse=True)
