@@ -387,6 +387,7 @@ def boot(image: str | Image, *, options: BootOptions | None = None, log_dir: Pat
             from harness.errors import ImageNotBuilt
             raise ImageNotBuilt(img.name)
         img = images.build(img)
+    images.mark_used(img)
     if own_disk:
         from harness.images import disk
 

@@ -56,8 +56,7 @@ def test_cloud_image_boots_from_every_format(fmt: str, firmware: str, tmp_path: 
     src = tmp_path / f"cloud.{suffix}"
     subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", kind, *(["-o", opts] if opts else []),
                     str(cloud_disk), str(src)], check=True, capture_output=True, timeout=900)
-    # A name of its own per cell: the image store keeps one build per image name, so parallel workers
-    # building "byo" from different files would replace each other's.
+    # A name of its own per cell, so each cell's report and logs say which file it booted.
     recipe = tmp_path / f"byo-{fmt}-{firmware}.toml"
     recipe.write_text(f'kind = "disk"\narch = "x86_64"\npath = "{src}"\nfirmware = "{firmware}"\nready_timeout = 900\n')
     img = store.image_for(parse_recipe(recipe))

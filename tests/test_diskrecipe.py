@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -326,3 +327,62 @@ def test_run_takes_a_file(tmp_path: Path) -> None:
     assert img.recipe.kind is Kind.DISK and img.recipe.path == src.resolve() and img.name == "my-disk"
     with pytest.raises(UsageError, match="no such file"):
         disk.image_for_file(tmp_path / "gone.vmdk")
+
+
+def test_every_disk_of_an_ova_is_attached_in_the_ovfs_order(tmp_path: Path) -> None:
+    """A two-disk OVA: the boot disk as a monolithicSparse VMDK (booted as it is, from the image's own
+    directory), a data disk as a streamOptimized one (converted once); both behind overlays, on the OVF's
+    controller, in the OVF's order."""
+    from ovfdata import CPU, MEMORY, NIC, OVF_NS, RASD, SCSI, VMDK_URI, item, manifest, tar_bytes
+
+    raw = tmp_path / "boot.raw"
+    _gpt(raw, inspect.GPT_BIOS_BOOT)
+    _qemu_img("convert", "-f", "raw", "-O", "vmdk", str(raw), str(tmp_path / "boot.vmdk"))
+    _qemu_img("create", "-f", "raw", str(tmp_path / "data.raw"), "32M")
+    _qemu_img("convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized", str(tmp_path / "data.raw"),
+              str(tmp_path / "data.vmdk"))
+    files = {"boot.vmdk": (tmp_path / "boot.vmdk").read_bytes(), "data.vmdk": (tmp_path / "data.vmdk").read_bytes()}
+    disks = [item("17", "4", parent="3", host="ovf:/disk/d1", name="Hard disk 1"),
+             item("17", "6", parent="3", host="ovf:/disk/d2", name="Hard disk 2")]
+    ovf = f"""<?xml version="1.0"?>
+<Envelope xmlns="{OVF_NS}" xmlns:ovf="{OVF_NS}" xmlns:rasd="{RASD}">
+  <References><File ovf:href="boot.vmdk" ovf:id="f1"/><File ovf:href="data.vmdk" ovf:id="f2"/></References>
+  <DiskSection><Info>disks</Info>
+    <Disk ovf:capacity="8388608" ovf:diskId="d1" ovf:fileRef="f1" ovf:format="{VMDK_URI}"/>
+    <Disk ovf:capacity="33554432" ovf:diskId="d2" ovf:fileRef="f2" ovf:format="{VMDK_URI}"/>
+  </DiskSection>
+  <VirtualSystem ovf:id="two"><Info>vm</Info><Name>two</Name>
+    <VirtualHardwareSection><Info>hw</Info>{CPU}{MEMORY}{SCSI}{"".join(disks)}{NIC}</VirtualHardwareSection>
+  </VirtualSystem>
+</Envelope>
+""".encode()
+    ova = tmp_path / "two.ova"
+    ova.write_bytes(tar_bytes([("two.ovf", ovf), ("two.mf", manifest({"two.ovf": ovf, **files})),
+                               *files.items()]))
+    img = _build(tmp_path, ova)
+    m = img.manifest
+    assert img.disk is not None and img.disk.is_file() and img.disk.is_relative_to(img.dir), m["files"]
+    [extra] = m["hardware"]["extra_disks"]
+    assert extra["format"] == "qcow2" and "/converted/" in extra["path"] and extra["interface"] == "lsi", extra
+    argv = _argv(img)
+    assert f"file={img.disk},format=vmdk,id=drive0,if=none,snapshot=on" in argv
+    assert f"file={extra['path']},format=qcow2,id=drive1,if=none,snapshot=on" in argv
+    assert "scsi-hd,drive=drive1,bus=lsi0.0,serial=nestbed-disk2" in argv, argv
+    assert argv[argv.index("-smp") + 1].startswith("2") and argv[argv.index("-m") + 1] == "1024"
+
+
+def test_two_versions_of_one_recipe_in_use_keep_their_builds(tmp_path: Path) -> None:
+    """The store keeps a build per recipe digest while it is used: a second version of a recipe (another
+    file, the same name) no longer removes the first one's build from under its user; a build unused for
+    STALE_AFTER is removed when another version of the name is built."""
+    a, b, c = (tmp_path / f"{n}.raw" for n in "abc")
+    for f in (a, b, c):
+        _gpt(f, inspect.GPT_BIOS_BOOT)
+    first = _build(tmp_path, a)
+    second = _build(tmp_path, b)  # the same recipe file and name, another path: another digest
+    assert first.dir != second.dir and first.built and second.built
+    assert store.build(first).manifest["source"] == str(a)  # still there, and marked used
+    old = time.time() - store.STALE_AFTER - 60
+    os.utime(first.manifest_path, (old, old))
+    third = _build(tmp_path, c)
+    assert not first.dir.exists() and second.built and third.built

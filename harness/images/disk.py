@@ -147,7 +147,9 @@ def build_disk(recipe: Recipe, work: Path, say: Progress) -> dict[str, Any]:
     disk, boot_fmt = src, fmt
     if (fmt, subformat) in CONVERT:
         disk, boot_fmt = converted(src, fmt, subformat, digest or sha256_file(src), say), DiskFormat.QCOW2.value
-    return {"files": {"disk": str(disk)}, "format": boot_fmt, "source": str(src), "source_format": fmt,
+    if hardware:
+        hardware["extra_disks"] = [_extra_disk(recipe, d, work, say) for d in hardware.pop("more_disks")]
+    return {"files": {"disk": _in_image(disk, work)}, "format": boot_fmt, "source": str(recipe.path), "source_format": fmt,
             "source_subformat": subformat, "source_signature": sig, "source_sha256": digest,
             "virtual_size": info["virtual_size"], "partition_table": info["table"],
             "firmware": firmware.value, "firmware_why": why, "disk_version": DISK_VERSION, "hardware": hardware}
@@ -176,7 +178,28 @@ def _from_ovf(recipe: Recipe, src: Path, work: Path, say: Progress) -> tuple[Pat
     say(f"{src.name}: OVF {app.name!r}: {app.vcpus} vCPUs, {app.memory_mb} MiB, {app.firmware}, "
         f"{len(app.disks)} disk(s) on {first.controller}, NICs {', '.join(app.nics) or 'none'}; {app.manifest or 'no manifest'}")
     return first.path, {"vcpus": app.vcpus, "memory_mb": app.memory_mb, "firmware": app.firmware,
-                        "disk_interface": iface, "nic_model": nic, "substitutions": subs, "ovf_name": app.name}
+                        "disk_interface": iface, "nic_model": nic, "substitutions": subs, "ovf_name": app.name,
+                        "more_disks": list(app.disks[1:])}
+
+
+def _in_image(path: Path, work: Path) -> str:
+    """*path* as the manifest records it: relative when it lies in the build directory *work* (an OVA's
+    extracted disk), which is renamed into the image's directory once built; else absolute."""
+    return str(path.relative_to(work)) if path.is_relative_to(work) else str(path)
+
+
+def _extra_disk(recipe: Recipe, d: Any, work: Path, say: Progress) -> dict[str, str]:
+    """An OVF's second or later disk (an :class:`~harness.images.ovf.OvfDisk`) as the manifest records it:
+    its file (converted once where :data:`CONVERT` says), format and drive interface."""
+    info = inspect.inspect_disk(d.path)
+    fmt, subformat = str(info["format"]), str(info.get("subformat", ""))
+    if fmt not in {f.value for f in DiskFormat}:
+        raise RecipeError(str(recipe.file), "path", f"{d.path.name}: format {fmt!r} is not one nestbed attaches")
+    path = d.path
+    if (fmt, subformat) in CONVERT:
+        path, fmt = converted(d.path, fmt, subformat, sha256_file(d.path), say), DiskFormat.QCOW2.value
+    say(f"{d.path.name}: {fmt}, {info['virtual_size']} bytes, attached after the boot disk on {d.controller}")
+    return {"path": _in_image(path, work), "format": fmt, "interface": OVF_CONTROLLERS.get(d.controller, "virtio")}
 
 
 def _mkdir(path: Path) -> Path:
@@ -259,6 +282,9 @@ def boot_spec(base: MachineSpec, image: Image, *, token: str, firmware: Firmware
     fmt = DiskFormat(image.manifest.get("format", "qcow2"))
     # snapshot=on: QEMU writes to a throw-away qcow2 overlay; the user's file is opened read-only under it.
     drives = [Drive(disk, fmt, interface=iface, snapshot=True, serial="nestbed-root", bootindex=0)]
+    # An OVA's other disks, in the OVF's order, each behind its own throw-away overlay too.
+    drives += [Drive(image.dir / d["path"], DiskFormat(d["format"]), interface=DriveInterface(d["interface"]),
+                     snapshot=True, serial=f"nestbed-disk{i}") for i, d in enumerate(hw.get("extra_disks", ()), 2)]
     extra: list[str] = []
     if uses_seed(image):
         drives.append(Drive(seed.seed(name=image.name, extra=r.user_data), DiskFormat.RAW, interface=iface,

@@ -1,7 +1,8 @@
 """Building and finding images in the cache.
 
 An image lives in ``<cache>/images/<name>-<digest>/`` where the digest hashes the
-recipe.  ``manifest.json`` is written last, after everything else is in place, and
+recipe (a build of another digest of the name is removed once unused for :data:`STALE_AFTER`:
+a boot or a ``build`` of an image marks it used).  ``manifest.json`` is written last, after everything else is in place, and
 the directory is published by :func:`harness.core.publish.publish` (a lock, a private build
 directory, one rename): an interrupted or failed build never leaves anything that looks
 built, and concurrent builders (pytest-xdist workers, other processes) build it once.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -27,7 +29,10 @@ from harness.images.steps import FAILURE_CAUSES, Progress
 
 BUILDER_VERSION = 1  # bump when a builder's output changes for the same recipe
 LOCK_TIMEOUT = 3600.0
-
+# A build of an image name is removed, when another build of that name (another recipe digest) is made, only
+# once it has not been used for this long: two versions of one recipe in use at once (parallel workers, two
+# projects) each keep theirs.
+STALE_AFTER = 3600.0
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,7 @@ def build(name_or_image: str | Image, *, progress: Progress | None = None, force
     """Build an image unless the cache already has it; returns the built :class:`Image`."""
     image = get_image(name_or_image) if isinstance(name_or_image, str) else name_or_image
     if image.built and not force:
+        mark_used(image)
         return image
     if progress is None:
         with StepProgress(f"image {image.name}") as bar:
@@ -143,8 +149,26 @@ def _build_locked(image: Image, say: Progress, force: bool) -> Image:
     return image
 
 
-def _remove_stale(image: Image) -> None:
-    """Drop earlier builds of the same image name (other recipe digests)."""
+def mark_used(image: Image) -> None:
+    """Record that *image* is in use now (its manifest's mtime), so another build of its name keeps it."""
+    try:
+        os.utime(image.manifest_path)
+    except OSError:  # a read-only cache, or a build removed meanwhile: nothing to keep
+        pass
+
+
+def _remove_stale(image: Image, *, now: float | None = None) -> list[Path]:
+    """Drop the other builds of *image*'s name (other recipe digests) unused for :data:`STALE_AFTER`."""
+    now = time.time() if now is None else now
+    removed = []
     for other in image.dir.parent.glob(f"{image.name}-*"):
-        if other != image.dir and other.is_dir() and other.name[len(image.name) + 1:].isalnum():
+        if other == image.dir or not other.is_dir() or not other.name[len(image.name) + 1:].isalnum():
+            continue
+        try:
+            used = (other / "manifest.json").stat().st_mtime
+        except FileNotFoundError:
+            used = other.stat().st_mtime  # not a finished build: judged by the directory
+        if now - used > STALE_AFTER:
             shutil.rmtree(other, ignore_errors=True)
+            removed.append(other)
+    return removed
