@@ -52,6 +52,24 @@ def qemu_pids_under(run_root: Path, owners: set[int] | None = None, *, orphans: 
     return found
 
 
+# A Debian-shaped image's root filesystem made in seconds (test_bootdisk, test_export): an 8 MiB ext4 with this
+# UUID and a fake /boot holding a kernel and an initrd of this release.
+FAKE_ROOT_UUID = "267fe03f-11b5-49ce-8b48-8a65b16da299"
+FAKE_RELEASE = "6.1.0-50-cloud-amd64"
+
+
+def fake_debian_root(tmp_path: Path, qcow2: Path) -> None:
+    """Write that root filesystem as the qcow2 *qcow2* (the ``disk`` of a fake built Debian image)."""
+    tree = tmp_path / "tree"
+    (tree / "boot").mkdir(parents=True)
+    (tree / "boot" / f"vmlinuz-{FAKE_RELEASE}").write_bytes(b"kernel" * 1000)
+    (tree / "boot" / f"initrd.img-{FAKE_RELEASE}").write_bytes(b"initrd" * 1000)
+    raw = tmp_path / "root.raw"
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(tree), "-U", FAKE_ROOT_UUID, str(raw), "8M"],
+                   check=True, timeout=60)
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(qcow2)], check=True, timeout=60)
+
+
 def setup_installs(ok: bool, what: str) -> pytest.MarkDecorator:
     """For a test that needs what `scripts/setup` installs: when it is missing, the test FAILS (a broken setup
     is not an unsupported host, and a skip would hide it)."""

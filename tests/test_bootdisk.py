@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import setup_installs
+from conftest import FAKE_RELEASE, FAKE_ROOT_UUID, fake_debian_root, setup_installs
 
 from harness.errors import CapabilityMissing, ImageBuildError, ImageNotBuilt, SetupMissing, UsageError
 from harness.guest import BootOptions, spec_for
@@ -41,8 +41,7 @@ from harness.vm.spec import (
 )
 
 EP = Endpoints(serial=Chardev(fd=5), qmp=Chardev(fd=7))
-UUID = "267fe03f-11b5-49ce-8b48-8a65b16da299"
-RELEASE = "6.1.0-50-cloud-amd64"
+UUID, RELEASE = FAKE_ROOT_UUID, FAKE_RELEASE
 
 
 def _opt(argv: list[str], flag: str) -> list[str]:
@@ -284,15 +283,7 @@ needs_tools = setup_installs(
 def _synthetic_image(tmp_path: Path) -> Image:
     """A Debian-shaped image whose root filesystem is an 8 MiB ext4 with a fake /boot."""
     image = _fake_image(tmp_path)
-    tree = tmp_path / "tree"
-    (tree / "boot").mkdir(parents=True)
-    (tree / "boot" / f"vmlinuz-{RELEASE}").write_bytes(b"kernel" * 1000)
-    (tree / "boot" / f"initrd.img-{RELEASE}").write_bytes(b"initrd" * 1000)
-    raw = tmp_path / "root.raw"
-    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(tree), "-U", UUID, str(raw), "8M"], check=True,
-                   timeout=60)
-    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(image.dir / "disk.qcow2")],
-                   check=True, timeout=60)
+    fake_debian_root(tmp_path, image.dir / "disk.qcow2")
     return image
 
 

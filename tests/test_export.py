@@ -11,7 +11,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import nestbed, setup_installs
+from conftest import FAKE_RELEASE, FAKE_ROOT_UUID, fake_debian_root, nestbed, setup_installs
 
 from harness.errors import UsageError
 from harness.images import bootdisk, export, inspect, ovf
@@ -20,8 +20,7 @@ from harness.images.store import Image, get_image
 from harness.vm.spec import Arch
 
 RECIPES = Path(__file__).resolve().parent.parent / "images"
-UUID = "267fe03f-11b5-49ce-8b48-8a65b16da299"
-RELEASE = "6.1.0-50-cloud-amd64"
+UUID, RELEASE = FAKE_ROOT_UUID, FAKE_RELEASE
 TOOLS = ("grub-mkimage", "sfdisk", "mkfs.vfat", "mcopy", "qemu-img", "mke2fs")
 needs_tools = setup_installs(
     all(shutil.which(t) for t in TOOLS) and all(
@@ -107,15 +106,7 @@ def synthetic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Image:
     monkeypatch.setenv("NESTBED_CACHE", str(tmp_path / "cache"))
     image = _fake(tmp_path, "debian-x86_64", {"kernel": "vmlinuz", "initrd": "initrd.img", "disk": "disk.qcow2"},
                   kernel_release=RELEASE, rootfs_uuid=UUID, append=[f"root=UUID={UUID}", "rw"])
-    tree = tmp_path / "tree"
-    (tree / "boot").mkdir(parents=True)
-    (tree / "boot" / f"vmlinuz-{RELEASE}").write_bytes(b"kernel" * 1000)
-    (tree / "boot" / f"initrd.img-{RELEASE}").write_bytes(b"initrd" * 1000)
-    raw = tmp_path / "root.raw"
-    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(tree), "-U", UUID, str(raw), "8M"], check=True,
-                   timeout=60)
-    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(image.dir / "disk.qcow2")],
-                   check=True, timeout=60)
+    fake_debian_root(tmp_path, image.dir / "disk.qcow2")
     return image
 
 
