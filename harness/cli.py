@@ -122,8 +122,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     from harness.images import disk
 
     if disk.is_disk_file(args.image):  # a disk image file (any format QEMU reads), booted as kind "disk"
-        if args.level != 1:
-            raise UsageError(f"run: {args.image}: a disk image file boots at level 1 only (for now)")
         image = disk.image_for_file(Path(args.image))
     with contextlib.ExitStack() as stack:
         if args.level == 1:
@@ -132,8 +130,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             from harness.nested import boot_hosts
 
             # Level N: a chain of N-1 hosts (L1, then l1-host inside it, ...), IMAGE in the deepest.
-            host = stack.enter_context(boot_hosts(args.level - 1, [args.image]))
-            guest = stack.enter_context(host.inner(args.image, options=opts, via=args.via))
+            host = stack.enter_context(boot_hosts(args.level - 1, [image]))
+            guest = stack.enter_context(host.inner(image, options=opts, via=args.via))
         if args.verbose:
             print(f"nestbed: {args.image} at level {args.level}: accel {guest.accel.value} ({guest.accel_reason})",
                   file=sys.stderr)
@@ -267,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="transport for the command (ssh: images with an SSH server)")
     rp.add_argument("--level", type=int, choices=[1, 2, 3], default=1,
                     help="1: boot IMAGE on this host; 2: boot an L1 host (l1-host) and IMAGE inside it; "
-                         "3: an L1 running an l1-host at level 2, IMAGE inside that")
+                         "3: an L1 running an l1-host at level 2, IMAGE inside that (a disk image file too: "
+                         "under SeaBIOS)")
     rp.add_argument("--kernel", metavar="PATH", help="boot this kernel with the image's userland")
     rp.add_argument("--firmware", choices=[f.value for f in Firmware], default=None,
                     help="boot the image's disk through its own bootloader (GRUB) under this firmware "

@@ -30,6 +30,7 @@ from harness.errors import (
 )
 from harness.hosts import probe
 from harness.images import store as images
+from harness.images.disk import OWN_DISK_KINDS  # booted by their own bootloader
 from harness.images.recipes import Kind
 from harness.images.store import Image
 from harness.transport.base import DEFAULT_TIMEOUT, CommandResult, SerialTransport, TransportBase, Via
@@ -44,8 +45,6 @@ if TYPE_CHECKING:
     from harness.warmstart import Plan
 
 log = logging.getLogger(__name__)
-
-OWN_DISK_KINDS = (Kind.DISK, Kind.CLOUD)  # images booted by their own bootloader (harness/images/disk.py)
 
 GUEST_POWEROFF_TIMEOUT = 10.0
 # The kernel's report of a task stuck in D state for 120 s (hung_task_timeout_secs).
@@ -391,10 +390,9 @@ def boot(image: str | Image, *, options: BootOptions | None = None, log_dir: Pat
     if own_disk:
         from harness.images import disk
 
-        if host is not None:
-            raise UsageError(f"image {img.name} (kind {img.recipe.kind.value}): booting it inside an L1 is not "
-                             "supported yet")
         img = disk.prepare(img)  # checked and inspected again if the file changed since
+        if host is not None:
+            disk.check_inner(img, host.inner_images, firmware=opts.firmware)
     if opts.firmware is not None and not own_disk:
         from harness.images import bootdisk
 
@@ -418,6 +416,11 @@ def boot(image: str | Image, *, options: BootOptions | None = None, log_dir: Pat
     for attempt in range(1, attempts + 1):
         token = secrets.token_hex(6)
         spec = spec_for(img, opts_resolved, token)
+        if host is not None and opts.memory_mb is None and spec.memory_mb > host.memory_mb // 2:
+            # An OVF's or a recipe's memory may be a real machine's: half the host's leaves the host its own.
+            log.info("%s: %d MiB inside a host of %d MiB: given %d MiB (ask with memory_mb)", img.name,
+                     spec.memory_mb, host.memory_mb, host.memory_mb // 2)
+            spec = spec.replace(memory_mb=host.memory_mb // 2)
         if attempt == 1 and not own_disk and warmstart.enabled(opts.warm_start) and warmstart.eligible(
                 spec, qmp=qmp, nested=host is not None, firmware=opts.firmware is not None,
                 root_disk=opts.root_disk is not None) is None:

@@ -25,7 +25,7 @@ import shlex
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from harness.errors import HarnessError, LaunchError, TransportError, headline
 from harness.guest import BootOptions, Guest, boot, probe_host
 from harness.hosts import probe
 from harness.images import store as images
+from harness.images.disk import OWN_DISK_KINDS
 from harness.images.steps import run_step
 from harness.images.store import Image
 from harness.transport.ssh import quiet_paramiko
@@ -114,6 +115,25 @@ def disk_serial(image: Image) -> str:
     return "nb" + hashlib.sha256(image.name.encode()).hexdigest()[:14]  # virtio-blk serials: 20 bytes max
 
 
+def file_serial(path: Path) -> str:
+    """The serial of the drive that shows L1 a file of a brought image (its disks, its seed)."""
+    return "nf" + hashlib.sha256(str(path).encode()).hexdigest()[:14]
+
+
+def own_disk_drives(img: Image, devices: dict[str, str] | None = None) -> list[Drive]:
+    """The read-only drives that show a host the files of *img* (kind disk or cloud), whatever their format:
+    the host's QEMU reads the format (this level's), so the host sees each file's virtual disk and its inner
+    QEMU opens that raw.  *devices* (a parent host's): the files are that host's block devices already."""
+    from harness.images import disk
+
+    if img.recipe.kind not in disk.OWN_DISK_KINDS:
+        return []
+    if devices is None:
+        return [Drive(f, fmt, read_only=True, serial=file_serial(f)) for f, fmt in disk.host_files(img)]
+    return [Drive(Path(devices[str(f)]), DiskFormat.RAW, read_only=True, serial=file_serial(f))
+            for f, _ in disk.host_files(img)]
+
+
 def payload_disk(inner: list[Image]) -> Path:
     """An ext4 image holding ``<name>/vmlinuz`` and ``<name>/initrd.img`` of each inner image; cached."""
     key = hashlib.sha256("\n".join(sorted(str(i.dir) for i in inner)).encode()).hexdigest()[:16]
@@ -128,7 +148,7 @@ def payload_disk(inner: list[Image]) -> Path:
             for img in inner:
                 d = stage / img.name
                 d.mkdir()
-                for src, name in ((img.kernel, "vmlinuz"), (img.initrd, "initrd.img")):
+                for src, name in ((img.path("kernel"), "vmlinuz"), (img.initrd, "initrd.img")):
                     if src is not None:
                         shutil.copy(src, d / name)
                         total += src.stat().st_size
@@ -152,6 +172,7 @@ class L1Host:
     l0_qemu: str | None
     inner_images: dict[str, Image]
     devices: dict[str, str] = field(default_factory=dict)  # image name -> /dev/vdX in L1
+    files: dict[str, str] = field(default_factory=dict)  # a brought image's file on L0 -> /dev/vdX in L1
     payload_dev: str = ""
     facts: dict[str, Any] = field(default_factory=dict)
     accel: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -163,6 +184,11 @@ class L1Host:
     def vcpus(self) -> int:
         """The host's vCPUs: an inner guest gets no more than these unless it asks (see guest.boot)."""
         return self.guest.machine.spec.vcpus
+
+    @property
+    def memory_mb(self) -> int:
+        """The host's memory: an inner guest gets no more than half of it unless it asks (see guest.boot)."""
+        return self.guest.machine.spec.memory_mb
 
     @property
     def ssh(self) -> Any:
@@ -227,6 +253,11 @@ class L1Host:
                                f"(attached: {', '.join(self.inner_images)}); pass it to boot_l1(inner=[...])")
         # Paths as L1 sees them.
         base = f"{PAYLOAD_MOUNT}/{image.name}"
+        if spec.kernel is None:  # a brought image: each of its files is an L1 device showing the virtual disk
+            local = spec.replace(drives=tuple(
+                dataclasses.replace(d, path=Path(self.files[str(d.path)]), format=DiskFormat.RAW)
+                if str(d.path) in self.files else d for d in spec.drives))
+            return InnerMachine(local, self, log_dir=log_dir, qmp=qmp, token=token)
         # The image's root disk becomes L1's device for it; other drives already name L1 paths.
         drives = tuple(Drive(Path(self.devices[image.name]), DiskFormat.QCOW2, snapshot=True, serial=d.serial)
                        if d.path == image.disk else d for d in spec.drives)
@@ -236,7 +267,7 @@ class L1Host:
         return InnerMachine(local, self, log_dir=log_dir, qmp=qmp, token=token)
 
     @contextlib.contextmanager
-    def inner(self, image: str, *, options: BootOptions | None = None, via: str = "serial",
+    def inner(self, image: str | Image, *, options: BootOptions | None = None, via: str = "serial",
               log_dir: Path | None = None) -> Iterator[Guest]:
         """Boot *image* inside this L1 and yield its guest handle (level 2)."""
         with boot(image, options=options, via=via, log_dir=log_dir, host=self) as g:
@@ -377,8 +408,18 @@ done
 """
 
 
+def _ready(image: str | Image) -> Image:
+    """An inner image, built (a brought one checked again if its file changed)."""
+    img = images.build(image)
+    if img.recipe.kind in OWN_DISK_KINDS:
+        from harness.images import disk
+
+        img = disk.prepare(img)
+    return img
+
+
 @contextlib.contextmanager
-def boot_l1(inner: list[str], *, log_dir: Path | None = None, image: str = L1_IMAGE,
+def boot_l1(inner: Sequence[str | Image], *, log_dir: Path | None = None, image: str = L1_IMAGE,
             probe_inner: bool = True, extra_options: dict[str, Any] | None = None,
             parent: L1Host | None = None, extra_drives: tuple[Drive, ...] = ()) -> Iterator[L1Host]:
     """Boot a host for nested guests with *inner* images attached; yield an :class:`L1Host`.
@@ -387,8 +428,8 @@ def boot_l1(inner: list[str], *, log_dir: Path | None = None, image: str = L1_IM
     hypervisor, its guests at L3); the parent must carry this host's image and *inner*.
     *extra_drives* are attached too (level 1 only), e.g. a disk of files for the L1.
     """
-    inner_images = [images.build(name) for name in inner]
-    if probe_inner and "tiny-x86_64" not in inner:
+    inner_images = [_ready(i) for i in inner]
+    if probe_inner and "tiny-x86_64" not in {i.name for i in inner_images}:
         inner_images.append(images.build("tiny-x86_64"))
     l1_image = images.build(image)
     if parent is not None:
@@ -406,9 +447,10 @@ def boot_l1(inner: list[str], *, log_dir: Path | None = None, image: str = L1_IM
     payload = payload_disk(inner_images)
     drives = [Drive(payload, DiskFormat.RAW, read_only=True, serial="nbpayload")]
     for img in inner_images:
-        if img.disk is None:
-            continue
-        drives.append(Drive(img.disk, DiskFormat.RAW, read_only=True, serial=disk_serial(img)))
+        if img.recipe.kind in OWN_DISK_KINDS:
+            drives += own_disk_drives(img)
+        elif img.disk is not None:
+            drives.append(Drive(img.disk, DiskFormat.RAW, read_only=True, serial=disk_serial(img)))
     opts = dataclasses.replace(opts, extra_drives=(*drives, *extra_drives))
     with boot(l1_image, options=opts, via="ssh", log_dir=log_dir) as g:
         host = L1Host(guest=g, l0_accel=l0_accel, l0_qemu=l0["qemu"].get("x86_64"),
@@ -420,7 +462,7 @@ def boot_l1(inner: list[str], *, log_dir: Path | None = None, image: str = L1_IM
 
 
 @contextlib.contextmanager
-def boot_hosts(depth: int, inner: list[str], *, log_dir: Path | None = None) -> Iterator[L1Host]:
+def boot_hosts(depth: int, inner: Sequence[str | Image], *, log_dir: Path | None = None) -> Iterator[L1Host]:
     """Boot a chain of hosts *depth* levels deep and yield the deepest, carrying *inner*.
 
     ``depth=1`` is :func:`boot_l1`; ``depth=2`` boots an L1 whose guest is itself a host
@@ -432,7 +474,7 @@ def boot_hosts(depth: int, inner: list[str], *, log_dir: Path | None = None) -> 
     with contextlib.ExitStack() as stack:
         host: L1Host | None = None
         for level in range(1, depth + 1):
-            carried = list(inner) + ([L1_IMAGE] if level < depth else [])
+            carried: list[str | Image] = [*inner, *([L1_IMAGE] if level < depth else [])]
             host = stack.enter_context(boot_l1(carried, log_dir=log_dir, parent=host))
         assert host is not None
         yield host
@@ -448,7 +490,9 @@ def _deeper_host(parent: L1Host, image: Image, inner: list[Image], log_dir: Path
     # Pass the parent's payload and image devices through, read-only, as raw block devices.
     drives = [Drive(Path(parent.payload_dev), DiskFormat.RAW, read_only=True, serial="nbpayload")]
     drives += [Drive(Path(parent.devices[i.name]), DiskFormat.RAW, read_only=True, serial=disk_serial(i))
-               for i in inner if i.disk is not None]
+               for i in inner if i.disk is not None and i.recipe.kind not in OWN_DISK_KINDS]
+    for i in inner:
+        drives += own_disk_drives(i, parent.files)
     opts = BootOptions(vcpus=image.recipe.vcpus, memory_mb=image.recipe.memory_mb // 2, extra_drives=tuple(drives))
     if extra_options:
         opts = dataclasses.replace(opts, **extra_options)
@@ -467,7 +511,10 @@ def _setup_l1(host: L1Host) -> None:
         raise LaunchError(f"L1 does not show the payload disk (disks: {out!r})", level=1)
     host.payload_dev = f"/dev/{by_serial['nbpayload']}"
     for name, img in host.inner_images.items():
-        if img.disk is not None:
+        if img.recipe.kind in OWN_DISK_KINDS:
+            for d in own_disk_drives(img):
+                host.files[str(d.path)] = f"/dev/{by_serial[file_serial(d.path)]}"
+        elif img.disk is not None:
             host.devices[name] = f"/dev/{by_serial[disk_serial(img)]}"
 
 

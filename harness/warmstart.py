@@ -113,6 +113,10 @@ class Plan:
         shutil.rmtree(self.overlay_dir, ignore_errors=True)
 
 
+# Block formats whose drivers let QEMU migrate (save) a machine; vmdk, vpc, vhdx and vdi block it even read-only.
+MIGRATABLE_FORMATS = (DiskFormat.RAW, DiskFormat.QCOW2)
+
+
 def eligible(spec: MachineSpec, *, qmp: bool, nested: bool, firmware: bool, root_disk: bool) -> str | None:
     """None if a boot of *spec* may be warm-started, else why not."""
     if nested:
@@ -126,6 +130,8 @@ def eligible(spec: MachineSpec, *, qmp: bool, nested: bool, firmware: bool, root
     for d in spec.drives:
         if d.serial != ROOT_SERIAL and not (d.read_only or d.snapshot):
             return f"writable disk {d.path}"
+        if d.format not in MIGRATABLE_FORMATS:  # QEMU refuses to migrate: "does not support live migration"
+            return f"a {d.format.value} drive ({d.path}): QEMU saves no state of a machine with one"
     args = list(spec.extra_args)
     for opt, value in zip(args, args[1:], strict=False):
         if opt in ("-drive", "-blockdev", "-hda", "-hdb", "-cdrom", "-virtfs", "-fsdev") and not any(

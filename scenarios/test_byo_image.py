@@ -8,6 +8,10 @@ under the firmware the recipe says or the one nestbed decided from the partition
 guest over SSH with the key cloud-init installed from nestbed's NoCloud seed, and over the serial shell
 the seed started.  Argnames: ``fmt`` (the report's chain axis) and ``firmware``.  Tier: nightly (each boot
 is minutes under TCG: cloud-init is Python); the lean boot in ``make test`` is tests/test_byo_boot.py.
+
+The same image inside an L1 (``level`` 2): the L1 gets the user's file (a VMDK here) and the seed as
+read-only drives, its QEMU boots them under SeaBIOS with KVM where the L1 has it, and the guest is reached
+over SSH and serial through the L1.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import pytest
 from harness.guest import boot
 from harness.images import store
 from harness.images.recipes import parse_recipe
+from harness.nested import boot_l1
 
 CLOUD = "cloud-debian-x86_64"
 # id -> (qemu-img -O format, -o options, file suffix)
@@ -69,3 +74,24 @@ def test_cloud_image_boots_from_every_format(fmt: str, firmware: str, tmp_path: 
         efi = g.run("test -d /sys/firmware/efi").exit_status == 0
         assert efi is (g.machine.spec.firmware.value == "uefi")
         assert g.serial.check_output("echo serial-ok") == "serial-ok"
+
+
+@pytest.mark.nightly
+@pytest.mark.parametrize("level", [pytest.param("2", id="L2")])
+def test_cloud_image_boots_inside_an_l1(level: str, tmp_path: Path, cloud_disk: Path,
+                                        nestbed_facts: dict[str, Any]) -> None:
+    src = tmp_path / "cloud.vmdk"
+    subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "vmdk", str(cloud_disk), str(src)], check=True,
+                   capture_output=True, timeout=900)
+    recipe = tmp_path / "byo-vmdk-l2.toml"
+    recipe.write_text(f'kind = "disk"\narch = "x86_64"\npath = "{src}"\nready_timeout = 1200\n')
+    img = store.image_for(parse_recipe(recipe))
+    with boot_l1([img]) as host, host.inner(img, via="ssh") as g:
+        nestbed_facts.update(format="vmdk", accel=g.accel.value, accel_reason=g.accel_reason,
+                             ready_seconds=round(g.ready_seconds or 0, 1), l1_accel=host.l0_accel.value)
+        assert g.machine.level == 2 and g.machine.spec.firmware.value == "bios"
+        assert g.accel.value == host.accel["x86_64"]["chosen"], g.accel_reason  # KVM where the L1 has it
+        assert g.check_output("id -un") == "root" and g.check_output("hostname") == "byo-vmdk-l2"
+        assert g.serial.check_output("echo serial-ok") == "serial-ok"
+        # The L1 booted what the L0 file holds: the user's file is never written, at any level.
+        assert g.check_output("cat /sys/class/dmi/id/product_serial").startswith("nestbed.token=")

@@ -386,3 +386,23 @@ def test_two_versions_of_one_recipe_in_use_keep_their_builds(tmp_path: Path) -> 
     os.utime(first.manifest_path, (old, old))
     third = _build(tmp_path, c)
     assert not first.dir.exists() and second.built and third.built
+
+
+def test_inside_an_l1_a_brought_image_needs_attaching_and_seabios(tmp_path: Path) -> None:
+    from harness.nested import file_serial, own_disk_drives
+
+    raw = tmp_path / "d.raw"
+    _gpt(raw, inspect.GPT_ESP)
+    img = _build(tmp_path, raw)  # auto: an ESP and no BIOS boot partition -> UEFI
+    with pytest.raises(UsageError, match="was not attached to this host") as info:
+        disk.check_inner(img, {}, firmware=None)
+    assert "\n" not in str(info.value)
+    with pytest.raises(UsageError, match=r"uefi \(auto: an EFI system partition.*the L1 image carries no OVMF"):
+        disk.check_inner(img, {img.name: img}, firmware=None)
+    disk.check_inner(img, {img.name: img}, firmware="bios")  # a boot's firmware= wins
+    # What the L1 is given: the file in its own format and the seed, read-only, each named by a serial.
+    drives = own_disk_drives(img)
+    assert [(d.path, d.format.value, d.read_only) for d in drives][0] == (raw, "raw", True)
+    assert "/seeds/seed-" in str(drives[1].path) and all(d.serial == file_serial(d.path) for d in drives)
+    deeper = own_disk_drives(img, {str(d.path): f"/dev/vd{c}" for d, c in zip(drives, "cd", strict=True)})
+    assert [(str(d.path), d.format.value) for d in deeper] == [("/dev/vdc", "raw"), ("/dev/vdd", "raw")]

@@ -78,6 +78,10 @@ def test_who_is_warm_started(tmp_path: Path) -> None:
     assert warmstart.eligible(ro, **ok) is None
     rw = spec.replace(drives=(*spec.drives, Drive(tmp_path / "w.img", DiskFormat.RAW)))
     assert "writable disk" in str(warmstart.eligible(rw, **ok))
+    # An L1 carrying a user's VMDK (read-only) for its L2: QEMU refuses to migrate it (measured: "The vmdk format
+    # used by node ... does not support live migration"), so it is not even tried.
+    vmdk = spec.replace(drives=(*spec.drives, Drive(tmp_path / "u.vmdk", DiskFormat.VMDK, read_only=True)))
+    assert "a vmdk drive" in str(warmstart.eligible(vmdk, **ok))
 
 
 def test_writable_storage_in_extra_args_is_not_warm_started(tmp_path: Path) -> None:

@@ -259,6 +259,17 @@ def uses_seed(image: Image) -> bool:
     return image.recipe.kind is Kind.CLOUD or image.recipe.cloud_init
 
 
+def host_files(image: Image) -> list[tuple[Path, DiskFormat]]:
+    """Every file a boot of *image* (kind disk or cloud) opens, with its format: the boot disk, an OVA's
+    other disks, the seed.  An L1 that runs the image gets each as a read-only drive (harness/nested.py)."""
+    files = [(image.disk, DiskFormat(image.manifest.get("format", "qcow2")))]
+    files += [(image.dir / d["path"], DiskFormat(d["format"]))
+              for d in (image.manifest.get("hardware") or {}).get("extra_disks", ())]
+    if uses_seed(image):
+        files.append((seed.seed(name=image.name, extra=image.recipe.user_data), DiskFormat.RAW))
+    return [(Path(f), fmt) for f, fmt in files if f is not None]
+
+
 def boot_spec(base: MachineSpec, image: Image, *, token: str, firmware: Firmware | str | None = None,
               extra_drives: tuple[Drive, ...] = (), forwards: tuple[int, ...] = ()) -> MachineSpec:
     """*base* (CPU, memory, accelerator, extra args) booting *image* (kind disk or cloud) by its own bootloader."""
@@ -310,13 +321,15 @@ def host_key_from(console_text: str, token: str) -> str | None:
     return None
 
 
-def probe_host_key(port: int, *, timeout: float = 5.0) -> str | None:
-    """The SSH host key a server on 127.0.0.1:*port* presents (no authentication), or None if none answers."""
+def probe_host_key(port: int, *, timeout: float = 5.0, connector: Any = None) -> str | None:
+    """The SSH host key a server on 127.0.0.1:*port* presents (no authentication), or None if none answers.
+    *connector* (:meth:`Machine.connector`): a factory of channels to the port, for a guest inside an L1."""
     import paramiko
 
     try:
-        sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    except OSError:
+        sock = connector() if connector is not None else socket.create_connection(("127.0.0.1", port),
+                                                                                   timeout=timeout)
+    except (OSError, TransportError):
         return None
     t = paramiko.Transport(sock)
     try:
@@ -359,13 +372,14 @@ def wait_ready(machine: Machine, image: Image, *, timeout: float) -> str | None:
                 if key is None:
                     log.warning("%s: cloud-init printed no ed25519 host key: pinning the one SSH presents first",
                                 image.name)
-                return key or (probe_host_key(port) if port else None)
+                return key or (probe_host_key(port, connector=machine.connector(22)) if port else None)
             except ConsoleTimeout:
                 if not login:
                     raise
         elif machine.poll() is not None:
             machine.raise_exited("while waiting for SSH")
-        if login and port and (key := probe_host_key(port, timeout=min(5.0, max(0.5, left)))):
+        if login and port and (key := probe_host_key(port, timeout=min(5.0, max(0.5, left)),
+                                                     connector=machine.connector(22))):
             log.warning("%s: SSH host key %s pinned on first use for this boot (the image is not nestbed's: no "
                         "key was recorded when it was built)", image.name, key.split()[0])
             return key
@@ -410,10 +424,23 @@ def connect_ssh(image: Image, machine: Machine, host_key: str | None, *, timeout
             raise RecipeError(str(image.recipe.file), "login.key", f"{login.key}: no such file")
         log.info("%s: SSH as %s", image.name, login.describe())
         return SSHTransport(host="127.0.0.1", port=machine.host_ports[22], user=login.user, key_path=login.key,
-                            password=login.password or None, host_key=host_key, timeout=timeout, name=name)
+                            password=login.password or None, host_key=host_key, timeout=timeout, name=name,
+                            sock_factory=machine.connector(22))
     key_path, _ = keys.client_keypair()
     return SSHTransport(host="127.0.0.1", port=machine.host_ports[22], user="root", key_path=key_path,
-                        host_key=host_key, timeout=timeout, name=name)
+                        host_key=host_key, timeout=timeout, name=name, sock_factory=machine.connector(22))
+
+
+def check_inner(image: Image, attached: dict[str, Image], *, firmware: Firmware | str | None) -> None:
+    """Refuse, in one line, a boot of *image* inside a host that cannot run it: not attached to that host
+    (its files are drives of the host's, given when the host boots), or under UEFI (the hosts carry no OVMF)."""
+    if attached.get(image.name) != image:
+        raise UsageError(f"image {image.name} (kind {image.recipe.kind.value}) was not attached to this host: "
+                         "pass it to boot_l1(inner=[...]) (its files become the host's drives)")
+    fw, why = boot_firmware(image, firmware)
+    if fw is not Firmware.BIOS:
+        raise UsageError(f"image {image.name}: {fw.value} ({why}) inside an L1: the L1 image carries no OVMF; "
+                         "boot it under SeaBIOS (firmware = \"bios\") or at level 1")
 
 
 def check_options(image: Image, *, kernel: object, root_disk: object, append: str) -> None:
