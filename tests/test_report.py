@@ -217,7 +217,10 @@ def test_serial_logs_in_the_report_dir_are_relative(tmp_path: Path) -> None:
               {"nodeid": "s.py::t", "when": "call", "outcome": "failed", "duration": 3.0, "crash": "boom",
                "longrepr": "Traceback\nboom", "user_properties": [("nestbed", {"facts": {}, "guests": [
                    {"image": "tiny-x86_64", "arch": "x86_64", "level": 1, "accel": "tcg", "accel_reason": "why",
-                    "vcpus": 1, "memory_mb": 256, "ready_seconds": 2.4, "serial_log": str(log)}]})]},
+                    "vcpus": 1, "memory_mb": 256, "ready_seconds": 2.4, "serial_log": str(log)},
+                   {"image": "my-cloud", "arch": "x86_64", "level": 2, "accel": "kvm", "ready_seconds": 90.0,
+                    "source": "/srv/my-cloud.vmdk (vmdk streamOptimized; firmware bios: auto: <a BIOS boot partition>)"}
+               ]})]},
               {"nodeid": "s.py::t", "when": "teardown", "outcome": "passed", "duration": 0.2}]
     cell = rp.cell_from_phases(phases)
     assert cell["outcome"] == "fail" and cell["duration_seconds"] == 3.3
@@ -226,6 +229,8 @@ def test_serial_logs_in_the_report_dir_are_relative(tmp_path: Path) -> None:
     assert doc["cells"][0]["artifacts"]["serial_logs"] == ["logs/t/serial.log"]
     page = report_render.report_html(doc)
     assert 'href="logs/t/serial.log"' in page and "<svg" in page and "2.4 s" in page
+    # A brought image's row says which file it was, in what format, under which firmware (escaped).
+    assert "/srv/my-cloud.vmdk (vmdk streamOptimized; firmware bios: auto: &lt;a BIOS boot partition&gt;)" in page
 
 
 def test_a_failed_cell_shows_the_screen_of_a_guest_that_was_never_reached(tmp_path: Path) -> None:

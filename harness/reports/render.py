@@ -176,7 +176,7 @@ def _guest_row(g: Mapping[str, Any]) -> dict[str, str]:
     return {"image": _text(g.get("image")), "arch": _text(g.get("arch")), "level": _text(g.get("level")),
             "accel": _text(g.get("accel")), "accel_reason": _text(g.get("accel_reason")), "vcpus": _text(g.get("vcpus")),
             "memory_mb": _text(g.get("memory_mb")), "ready": fmt_seconds(g.get("ready_seconds")),
-            "serial_log": _text(g.get("serial_log"))}
+            "serial_log": _text(g.get("serial_log")), "source": _text(g.get("source"))}
 
 
 def _cell_details(i: int, c: Mapping[str, Any]) -> dict[str, Any]:
