@@ -321,10 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sk = sub.add_parser("soak", help="repeat a scenario tier and report flaky tests; -- PYTEST_ARGS go to each "
                                      "run (exit 1 if any test flaked or failed, or a run gave no results)",
-                        usage="nestbed soak [--runs N] [--tier MARKER] [--out DIR] [--scenarios DIR] [--timeout S] "
+                        usage="nestbed soak [--runs N] [--tier TIER] [--out DIR] [--scenarios DIR] [--timeout S] "
                               "[-- PYTEST_ARGS...]")
     sk.add_argument("--runs", type=int, default=10, metavar="N", help="how many times (default 10)")
-    sk.add_argument("--tier", default="smoke", metavar="MARKER", help="scenario marker to run (default smoke)")
+    sk.add_argument("--tier", default="smoke", metavar="TIER",
+                    help="a tier of the matrix (smoke, nightly, full, kvm-l1: selected as `nestbed report --tier` "
+                         "selects, rules and strictness included), or a marker expression (default smoke)")
     sk.add_argument("--out", metavar="DIR", help="where the JUnit files and logs go (default: <cache>/logs/soak-*)")
     sk.add_argument("--scenarios", metavar="DIR", help="scenario directory (default: nestbed's built-in scenarios)")
     sk.add_argument("--timeout", type=float, default=3600.0, metavar="S", help="limit per run (default 3600)")

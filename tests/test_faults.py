@@ -391,6 +391,24 @@ def test_soak_all_passing_is_green_and_bad_junit_is_refused(tmp_path: Path) -> N
         parse_junit(other)
 
 
+def test_soak_selects_a_matrix_tier_as_report_does_and_anything_else_by_marker(tmp_path: Path) -> None:
+    from harness.core import paths
+    from harness.tools.soak import selection
+
+    builtin = paths.builtin_dir("scenarios")
+    # nightly: the tier's rules too (its nested cells are included by level, whatever their markers).
+    assert selection("nightly", builtin) == ["--nestbed-matrix", str(builtin / "matrix.toml"), "--nestbed-tier",
+                                             "nightly"]
+    assert selection("kvm-l1", builtin)[-1] == "kvm-l1"  # a host kind is a tier of its cells
+    assert selection("smoke and not slow", builtin) == ["-m", "smoke and not slow"]
+    own = tmp_path / "mine"
+    own.mkdir()
+    assert selection("smoke", own)[1] == str(builtin / "matrix.toml")  # no matrix of its own: nestbed's
+    (own / "matrix.toml").write_text('version = 1\n[axes.arch]\nparams = ["arch"]\n[tiers.weekly]\nmarkers = ["weekly"]\n')
+    assert selection("weekly", own) == ["--nestbed-matrix", str(own / "matrix.toml"), "--nestbed-tier", "weekly"]
+    assert selection("smoke", own) == ["-m", "smoke"]  # not a tier there
+
+
 def test_soak_cli_refuses_zero_runs(tmp_path: Path) -> None:
     proc = nestbed("soak", "--runs", "0", "--out", str(tmp_path), timeout=60)
     assert proc.returncode == 125 and "--runs must be at least 1" in proc.stderr

@@ -1,7 +1,8 @@
 """Soak runs: repeat a scenario tier and count flakes.
 
-``nestbed soak --runs N --tier smoke`` runs ``python -m pytest scenarios -m smoke`` N
-times, each with its own JUnit XML file, then tallies every test case over the runs:
+``nestbed soak --runs N --tier smoke`` runs ``python -m pytest scenarios --nestbed-tier smoke`` N
+times (a tier of the matrix selects as ``nestbed report --tier`` does; any other ``--tier`` is a
+marker expression, ``-m``), each with its own JUnit XML file, then tallies every test case over the runs:
 
 * **flaky**: passed in some runs and failed (or errored) in others;
 * **broken**: failed in every run it ran in (not a flake, but the soak is not green);
@@ -142,11 +143,30 @@ def render(report: SoakReport) -> str:
     return "\n".join(lines)
 
 
+def selection(tier: str, where: Path) -> list[str]:
+    """The pytest arguments that select *tier* in the scenario directory *where*.
+
+    A tier (or host kind) of its matrix (its own ``matrix.toml``, else nestbed's) selects the way
+    ``nestbed report --tier`` does: the tier's markers, its ``[[include]]``/``[[exclude]]`` rules and its
+    strictness (``nightly`` has the nested cells it includes by level, whatever their markers).  Anything
+    else is a marker expression (``-m``), as before.
+    """
+    from harness.reports.matrix import load_matrix
+
+    own = where / "matrix.toml"
+    matrix_path = own if own.is_file() else paths.builtin_dir("scenarios") / "matrix.toml"
+    if matrix_path.is_file():
+        matrix = load_matrix(matrix_path)
+        if tier in matrix.tiers or tier in matrix.hosts:
+            return ["--nestbed-matrix", str(matrix_path), "--nestbed-tier", tier]
+    return ["-m", tier]
+
+
 def pytest_argv(tier: str, junit: Path, extra: list[str] | None = None,
                 scenarios: Path | None = None) -> list[str]:
     """The command line of one soak run (the built-in scenarios unless *scenarios* names others)."""
     where = scenarios or paths.builtin_dir("scenarios")
-    return [sys.executable, "-m", "pytest", str(where), "--rootdir", str(where.parent), "-m", tier,
+    return [sys.executable, "-m", "pytest", str(where), "--rootdir", str(where.parent), *selection(tier, where),
             f"--junitxml={junit}", "-p", "no:cacheprovider", "-q", *(extra or [])]
 
 
@@ -160,6 +180,7 @@ def run_soak(runs: int, *, tier: str = "smoke", out_dir: Path, timeout: float = 
         raise UsageError(f"soak: --scenarios {scenarios}: {'not a directory' if scenarios.exists() else 'does not exist'}")
     say = say or (lambda _m: None)
     out_dir.mkdir(parents=True, exist_ok=True)
+    chosen = " ".join(selection(tier, scenarios or paths.builtin_dir("scenarios")))
     results: list[dict[str, Outcome] | None] = []
     errors: dict[int, str] = {}
     seconds: list[float] = []
@@ -168,7 +189,7 @@ def run_soak(runs: int, *, tier: str = "smoke", out_dir: Path, timeout: float = 
         junit.unlink(missing_ok=True)
         log = out_dir / f"run-{run}.log"
         started = time.monotonic()
-        say(f"run {run}/{runs}: pytest {scenarios or 'scenarios'} -m {tier} (log: {log})")
+        say(f"run {run}/{runs}: pytest {scenarios or 'scenarios'} {chosen} (log: {log})")
         with open(log, "wb") as out:
             try:
                 proc = subprocess.run(pytest_argv(tier, junit, extra, scenarios), cwd=Path.cwd(), stdin=subprocess.DEVNULL,
