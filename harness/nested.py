@@ -41,7 +41,7 @@ from harness.images.disk import OWN_DISK_KINDS
 from harness.images.steps import run_step
 from harness.images.store import Image
 from harness.transport.ssh import quiet_paramiko
-from harness.vm.machine import KILL_TIMEOUT, Machine
+from harness.vm.machine import KILL_TIMEOUT, QMP_TIMEOUT, Machine
 from harness.vm.relay import socket_for
 from harness.vm.spec import (
     Accel,
@@ -328,6 +328,14 @@ class InnerMachine(Machine):
                     raise LaunchError(f"level {self.level} {what} chardev never listened: {exc}",
                                       level=self.level) from None
                 time.sleep(0.1)
+
+    def screendump(self, path: Path, *, timeout: float = QMP_TIMEOUT) -> Path:
+        """The guest's screen, saved by the QEMU in L1 into this machine's run directory there, then fetched
+        to *path* (its suffix: what that QEMU wrote, PNG or PPM)."""
+        remote = super().screendump(Path(self.remote_dir) / path.name, timeout=timeout)
+        local = path.with_suffix(remote.suffix)
+        self._ssh().get(str(remote), local, timeout=max(timeout, 30.0))
+        return local
 
     def connector(self, port: int) -> Any:
         """A factory of channels to a forwarded guest port, through L1."""

@@ -50,7 +50,7 @@ from typing import Any
 from harness.core import paths
 from harness.core.publish import lock_for, publish, write_atomic
 from harness.core.run import run
-from harness.errors import CacheError, HarnessError, RestoreError
+from harness.errors import CacheError, HarnessError, RestoreError, UsageError
 from harness.images.store import Image
 from harness.vm import migrate
 from harness.vm.machine import Machine
@@ -65,6 +65,13 @@ SETTLE_TIMEOUT = 30.0
 CAPTURE_LOCK_WAIT = 0.5  # another process saving the same shape: wait this long at most, then run on unsaved
 RESEED = ("perl -e 'open(F,\"<\",\"/dev/urandom\") and ioctl(F,0x5207,0)' 2>/dev/null || "
           "python3 -c 'import fcntl;fcntl.ioctl(open(\"/dev/urandom\"),0x5207)' 2>/dev/null")
+
+# The saved states kept: those used in the last MAX_AGE_DAYS, the most recently used first, within a budget of
+# $NESTBED_WARM_MAX_GB (default DEFAULT_MAX_GB) GiB.  Every shape gets a state, and shapes that name one-off
+# files (an L1 carrying a test's temporary disk) would otherwise pile up; a capture evicts (evict()).
+MAX_GB_ENV = "NESTBED_WARM_MAX_GB"
+DEFAULT_MAX_GB = 8.0
+MAX_AGE_DAYS = 14.0
 
 _default: bool | None = None
 
@@ -242,6 +249,8 @@ def plan(spec: MachineSpec, token: str, respec: Any, *, allow_restore: bool = Tr
             drop(key, "the saved state is incomplete (meta.json, state or disk.qcow2 missing or unreadable)")
         else:
             meta = found
+            with contextlib.suppress(OSError):
+                os.utime(state / "meta.json")  # used now: what evict() keeps longest
     overlay_dir = Path(paths.private_dir(root / f"overlay-{os.getpid()}-{secrets.token_hex(4)}"))
     if meta:
         token = str(meta["token"])
@@ -285,8 +294,58 @@ def settle(machine: Machine, *, timeout: float = SETTLE_TIMEOUT) -> None:
         raise RestoreError(f"{machine.spec.name}: the restored guest did not answer on serial: {exc}") from exc
 
 
-def drop(key: str, reason: str, *, saved_at: str | None = None) -> None:
-    """Remove the state *key* (it failed to load) and what was kept beside it; the next boot saves a new one.
+def max_bytes() -> int:
+    """The budget of the saved states, from ``$NESTBED_WARM_MAX_GB`` (a bad value is one line naming it)."""
+    text = os.environ.get(MAX_GB_ENV, "").strip()
+    try:
+        gib = float(text) if text else DEFAULT_MAX_GB
+    except ValueError:
+        gib = -1.0
+    if not gib >= 0:  # also nan
+        raise UsageError(f"${MAX_GB_ENV}={text!r}: expected a number of GiB (0 or more)")
+    return int(gib * (1 << 30))
+
+
+def to_evict(states: list[tuple[str, float, int]], *, budget: int, now: float, keep: str) -> list[tuple[str, str]]:
+    """Which states go, and why (pure): *states* are (key, last used, bytes).  Those unused for
+    :data:`MAX_AGE_DAYS`, then the least recently used until the rest fit in *budget*; never *keep*."""
+    out: list[tuple[str, str]] = []
+    kept: list[tuple[str, float, int]] = []
+    for key, used, size in states:
+        if key != keep and now - used > MAX_AGE_DAYS * 86400:
+            out.append((key, f"unused for {(now - used) / 86400:.0f} days"))
+        else:
+            kept.append((key, used, size))
+    total = sum(size for _, _, size in kept)
+    for key, _used, size in sorted(kept, key=lambda s: s[1]):
+        if total <= budget:
+            break
+        if key == keep:
+            continue
+        out.append((key, f"the least recently used, over the {budget / (1 << 30):g} GiB budget (${MAX_GB_ENV})"))
+        total -= size
+    return out
+
+
+def evict(*, keep: str) -> list[str]:
+    """Remove the states :func:`to_evict` picks (each under its lock, as :func:`drop`); the keys removed."""
+    root = warm_root()
+    states = []
+    for d in root.iterdir():
+        if d.name.startswith((".", "overlay-")) or not d.is_dir():
+            continue
+        with contextlib.suppress(OSError):
+            used = (d / "meta.json").stat().st_mtime
+            states.append((d.name, used, sum(f.stat().st_size for f in d.iterdir() if f.is_file())))
+    gone = to_evict(states, budget=max_bytes(), now=time.time(), keep=keep)
+    for key, why in gone:
+        drop(key, why, level=logging.INFO)
+    return [key for key, _ in gone]
+
+
+def drop(key: str, reason: str, *, saved_at: str | None = None, level: int = logging.WARNING) -> None:
+    """Remove the state *key* (it failed to load, or is evicted) and what was kept beside it; the next boot
+    saves a new one.
 
     With *saved_at*, only that state: one another process saved since (after its own drop) stays.
     """
@@ -300,7 +359,7 @@ def drop(key: str, reason: str, *, saved_at: str | None = None) -> None:
                 with contextlib.suppress(OSError, ValueError):
                     if json.loads((state / "meta.json").read_text()).get("saved_at") != saved_at:
                         return  # already replaced by a newer state
-            log.warning("warm start: dropping saved state %s: %s", key, reason)
+            log.log(level, "warm start: dropping saved state %s: %s", key, reason)
             old = state.with_name(f".{state.name}.{os.getpid()}-{secrets.token_hex(4)}.part")
             with contextlib.suppress(FileNotFoundError):
                 state.rename(old)
@@ -349,7 +408,13 @@ def capture(p: Plan, machine: Machine, image: Image, ready_seconds: float | None
         with contextlib.suppress(HarnessError):
             if _paused(machine):  # stopped by the save, whether or not it finished
                 migrate.resume(machine)
-    return time.monotonic() - started if saved else None
+    paused = time.monotonic() - started if saved else None
+    if saved:
+        try:  # with the guest running again
+            evict(keep=p.key)
+        except (HarnessError, OSError) as exc:
+            log.warning("warm start: could not evict old states: %s", exc)
+    return paused
 
 
 def _paused(machine: Machine) -> bool:

@@ -84,6 +84,43 @@ def test_who_is_warm_started(tmp_path: Path) -> None:
     assert "a vmdk drive" in str(warmstart.eligible(vmdk, **ok))
 
 
+def test_which_states_are_evicted() -> None:
+    day, gib = 86400.0, 1 << 30
+    now = 100 * day
+    states = [("old", now - 20 * day, gib), ("a", now - 3 * day, 3 * gib), ("b", now - 2 * day, 3 * gib),
+              ("new", now - 60, 3 * gib)]
+    gone = dict(warmstart.to_evict(states, budget=8 * gib, now=now, keep="new"))
+    assert list(gone) == ["old", "a"] and "unused for 20 days" in gone["old"] and "8 GiB budget" in gone["a"]
+    # The state just saved is never evicted, even over budget or old (its clock may be off).
+    assert warmstart.to_evict([("new", 0.0, 100 * gib)], budget=0, now=now, keep="new") == []
+    assert warmstart.to_evict(states[1:], budget=100 * gib, now=now, keep="new") == []
+
+
+def test_eviction_removes_states_under_their_lock_and_the_budget_is_checked(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from harness.errors import UsageError
+
+    monkeypatch.setenv("NESTBED_CACHE", str(tmp_path / "cache"))
+    root = warmstart.warm_root()
+    for i, key in enumerate(["k-old", "k-mid", "k-new"]):
+        d = root / key
+        d.mkdir()
+        (d / "state").write_bytes(b"x" * (1 << 20))
+        (d / "meta.json").write_text("{}")
+        os.utime(d / "meta.json", (time.time() - (3 - i) * 3600,) * 2)
+    (root / "k-old.facts-L1.json").write_text("{}")
+    (root / "overlay-1-abcd").mkdir()  # a running boot's overlay: not a state
+    monkeypatch.setenv(warmstart.MAX_GB_ENV, str(2.5 / 1024))  # 2.5 MiB: room for two states
+    assert warmstart.evict(keep="k-new") == ["k-old"]
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == ["k-mid", "k-new", "overlay-1-abcd"]
+    monkeypatch.setenv(warmstart.MAX_GB_ENV, "lots")
+    with pytest.raises(UsageError, match=r"NESTBED_WARM_MAX_GB='lots': expected a number of GiB"):
+        warmstart.max_bytes()
+    monkeypatch.setenv(warmstart.MAX_GB_ENV, "nan")
+    with pytest.raises(UsageError):
+        warmstart.max_bytes()
+
+
 def test_writable_storage_in_extra_args_is_not_warm_started(tmp_path: Path) -> None:
     ok = dict(qmp=True, nested=False, firmware=False, root_disk=False)
     rw = _spec(tmp_path, extra_args=("-drive", f"if=virtio,file={tmp_path / 'w.img'},format=raw"))
