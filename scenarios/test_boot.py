@@ -10,6 +10,7 @@ KVM crashes L0's QEMU 7.2: ``harness.nested.KNOWN_FAILURES``): minutes, so night
 from __future__ import annotations
 
 import contextlib
+import datetime
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -17,9 +18,10 @@ import pytest
 from nestbed_fixtures.plugin import GUESTS_KEY
 
 from harness import guestfacts
-from harness.guest import BootOptions, Guest
+from harness.errors import TransportError
+from harness.guest import BootOptions, Guest, accel_verdict
 from harness.nested import L1Host, boot_l1, known_failure
-from harness.vm.spec import Accel
+from harness.vm.spec import Accel, Arch
 
 pytestmark = pytest.mark.boot
 
@@ -28,6 +30,12 @@ DEBIAN = {"x86_64": "debian-x86_64", "i386": "debian-i386"}
 # A 32-bit Debian under TCG inside an L1 that is itself under TCG: boot and commands are slow.
 SLOW_READY = 1200.0
 SLOW_COMMAND = 300.0
+# Known issue, declared (RELIABILITY.md): SSH to a 32-bit Debian L2 under TCG inside an L1 on L0's TCG gets no
+# banner through the L1 (2026-12-02: 4 tries out of 4, 2x150 s each), while in that guest sshd listens, the
+# network is up and `ssh 127.0.0.1` gets its banner at once and completes its key exchange in ~85 s.  Only
+# that signature, only on a TCG level 0, is an xfail with the evidence; it lapses on I386_L2_SSH_UNTIL.
+I386_L2_SSH = "Error reading SSH protocol banner"
+I386_L2_SSH_UNTIL = "2027-03-01"
 SMOKE = {("x86_64", 1, "serial"), ("i386", 1, "ssh"), ("x86_64", 2, "ssh")}
 
 
@@ -93,6 +101,10 @@ def _boot_params() -> Iterator[Any]:
         yield pytest.param(arch, level, via, marks=marks, id=f"{arch}-L{level}-{via}")
 
 
+def _l0_accel() -> Accel:
+    return Accel(accel_verdict(Arch.X86_64)["chosen"])
+
+
 @pytest.mark.parametrize(("arch", "level", "via"), list(_boot_params()))
 def test_debian_boots_with_its_arch_bitness_and_spec(
         boot_guest, level2_guest, nestbed_facts: dict[str, Any], arch: str, level: int, via: str) -> None:
@@ -101,7 +113,14 @@ def test_debian_boots_with_its_arch_bitness_and_spec(
     if level == 1:
         g = boot_guest(image, via=via, warm_start=False)  # a real boot: that is what this verifies
     else:
-        g = level2_guest(image, via=via, **({"ready_timeout": SLOW_READY} if slow else {}))
+        try:
+            g = level2_guest(image, via=via, **({"ready_timeout": SLOW_READY} if slow else {}))
+        except TransportError as exc:
+            lapsed = datetime.date.today() > datetime.date.fromisoformat(I386_L2_SSH_UNTIL)
+            if slow and via == "ssh" and I386_L2_SSH in str(exc) and _l0_accel() is Accel.TCG and not lapsed:
+                pytest.xfail(f"known issue (until {I386_L2_SSH_UNTIL}, RELIABILITY.md): no SSH banner from a "
+                             f"32-bit L2 under TCG through the L1: {exc}")
+            raise
     timeout = SLOW_COMMAND if slow else 60.0
     machine, bits = MACHINE[arch]
     uname_m = g.check_output("uname -m", timeout=timeout)

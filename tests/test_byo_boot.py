@@ -67,6 +67,24 @@ def test_no_bootloader_fails_with_a_screenshot(tmp_path: Path) -> None:
     assert str(shot) in headline and "no ready marker from cloud-init on the serial console within 20 s" in headline
 
 
+def test_inside_an_l1_a_disk_that_never_boots_shows_its_screen(tmp_path: Path) -> None:
+    """A brought image at level 2: the L1 gets the file as a drive; the QEMU in L1 saves the screen there, and
+    the harness fetches it beside the L0-side serial log."""
+    from harness.nested import boot_l1
+
+    blank = tmp_path / "blank.raw"
+    blank.write_bytes(bytes(4 << 20))
+    img = _disk_image(tmp_path, f'path = "{blank}"\n', "blank-l2")
+    with boot_l1([img], probe_inner=False) as host, pytest.raises(GuestNotReached) as err, \
+            host.inner(img, options=BootOptions(ready_timeout=20), log_dir=tmp_path):
+        pass
+    assert err.value.level == 2, str(err.value)
+    shot = err.value.screenshot
+    assert shot is not None and shot.is_file() and shot.parent == tmp_path, str(err.value)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" or shot.read_bytes()[:2] == b"P6"
+    assert str(shot) in str(err.value).splitlines()[0]
+
+
 def test_an_appliance_exported_as_an_ova_boots_as_a_user_receives_it(tmp_path: Path, cloud_disk: Path) -> None:
     """The cloud image shipped as a VMware-shaped OVA (OVF + manifest + streamOptimized VMDK; VMware's
     paravirtual SCSI and vmxnet3, the drivers Debian's cloud kernel has), then run from that file: the

@@ -46,7 +46,7 @@ def test_argv_basics(arch: Arch) -> None:
     argv = build_argv(spec, EP)
     assert argv[0] == f"qemu-system-{arch.value}"
     assert _opt(argv, "-accel") == ["tcg"]
-    assert _opt(argv, "-cpu") == [arch.default_cpu]
+    assert _opt(argv, "-cpu") == [f"{arch.default_cpu},+rdrand"]  # TCG: an RDRAND the kernel trusts
     assert _opt(argv, "-m") == ["384"] and _opt(argv, "-smp") == ["2"]
     assert _opt(argv, "-kernel") == ["/k"] and _opt(argv, "-initrd") == ["/i"]
     assert _opt(argv, "-append") == ["console=ttyS0"]
@@ -58,8 +58,11 @@ def test_argv_basics(arch: Arch) -> None:
 def test_argv_cpu_flags_and_tcg_threads() -> None:
     spec = MachineSpec(accel=Accel.TCG, cpu="qemu64", cpu_flags=("+svm", "+npt"), tcg_threads="single")
     argv = build_argv(spec, EP)
-    assert _opt(argv, "-cpu") == ["qemu64,+svm,+npt"]
+    assert _opt(argv, "-cpu") == ["qemu64,+svm,+npt,+rdrand"]
     assert _opt(argv, "-accel") == ["tcg,thread=single"]
+    # Said either way by the caller, it is left alone; never added under KVM (the host CPU's own).
+    assert _opt(build_argv(spec.replace(cpu_flags=("-rdrand",)), EP), "-cpu") == ["qemu64,-rdrand"]
+    assert _opt(build_argv(spec.replace(accel=Accel.KVM, cpu="host", cpu_flags=()), EP), "-cpu") == ["host"]
 
 
 def test_an_l1_on_tcg_gets_one_vcpu_and_on_kvm_its_recipes() -> None:

@@ -208,7 +208,14 @@ class MachineSpec:
 
     @property
     def cpu_arg(self) -> str:
-        return ",".join([self.cpu or self.arch.default_cpu, *self.cpu_flags])
+        flags = list(self.cpu_flags)
+        if self.accel is Accel.TCG and not any(f.lstrip("+-").startswith("rdrand") for f in flags):
+            # TCG emulates RDRAND, and a kernel that trusts the CPU's RNG (Debian's do) has its CRNG ready at
+            # once.  Without it a 32-bit guest under TCG inside an emulated L1 waited 284 s of uptime for
+            # "random: crng init done", and until then sshd could not answer (RELIABILITY.md).  "-rdrand"
+            # in cpu_flags keeps it off.
+            flags.append("+rdrand")
+        return ",".join([self.cpu or self.arch.default_cpu, *flags])
 
 
 @dataclass(frozen=True)
