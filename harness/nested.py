@@ -163,6 +163,33 @@ def payload_disk(inner: list[Image]) -> Path:
     return target
 
 
+def pick_ports(listing: str, count: int, *, rng: random.Random | None = None) -> list[int]:
+    """*count* ports from below the ephemeral range and not in use, from *listing*: the
+    ``ip_local_port_range`` line, then ``/proc/net/tcp`` and ``tcp6`` (pure)."""
+    lines = listing.splitlines()
+    try:
+        low = int(lines[0].split()[0])
+    except (IndexError, ValueError):
+        low = 32768  # Linux's default
+    used = set()
+    for line in lines[1:]:
+        parts = line.split()
+        if len(parts) > 1 and ":" in parts[1]:
+            with contextlib.suppress(ValueError):
+                used.add(int(parts[1].rsplit(":", 1)[1], 16))
+    top = max(low - 1, PORT_FLOOR + 1000)  # a range set oddly low still leaves a thousand to choose from
+    r = rng or random
+    chosen: list[int] = []
+    while len(chosen) < count:
+        port = r.randint(PORT_FLOOR, top)
+        if port not in used and port not in chosen:
+            chosen.append(port)
+    return chosen
+
+
+PORT_FLOOR = 20000
+
+
 @dataclass
 class L1Host:
     """A running L1: its guest handle, its probe verdict, and where inner images live in it."""
@@ -223,19 +250,14 @@ class L1Host:
         return self.ssh.run(cmd, *args, timeout=timeout)
 
     def free_ports(self, count: int) -> list[int]:
-        """Loopback ports in L1 that nothing listens on (QEMU binds them itself)."""
-        used = set()
-        out = self.run("cat /proc/net/tcp /proc/net/tcp6 2>/dev/null").stdout
-        for line in out.splitlines()[1:]:
-            parts = line.split()
-            if len(parts) > 1 and ":" in parts[1]:
-                used.add(int(parts[1].rsplit(":", 1)[1], 16))
-        chosen: list[int] = []
-        while len(chosen) < count:
-            port = random.randint(20000, 60000)
-            if port not in used and port not in chosen:
-                chosen.append(port)
-        return chosen
+        """Loopback ports in L1 that nothing listens on (QEMU binds them itself).
+
+        Below L1's ephemeral range: a port from inside it could be taken by an outgoing connection (the
+        tunnels' own, to the last guest's ports) between this look and QEMU's bind (seen once, 2026-12-02:
+        "Failed to find an available port: Address already in use").
+        """
+        out = self.run("cat /proc/sys/net/ipv4/ip_local_port_range; cat /proc/net/tcp /proc/net/tcp6 2>/dev/null").stdout
+        return pick_ports(out, count)
 
     def resolve_accel(self, accel: Accel, image: Image) -> tuple[Accel, str]:
         arch = image.recipe.arch.value

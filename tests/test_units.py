@@ -372,3 +372,16 @@ def test_the_recipe_settings_table_and_the_recipe_fields_agree() -> None:
     fields = {f.name for f in dataclasses.fields(Recipe)} - {"name", "file"}
     assert set(SETTINGS) - {"base"} == fields
     assert all(s.help for s in SETTINGS.values())
+
+
+def test_l1_ports_are_chosen_below_the_ephemeral_range_and_free() -> None:
+    import random
+
+    from harness.nested import PORT_FLOOR, pick_ports
+
+    listing = ("32768\t60999\n  sl  local_address rem_address   st\n"
+               "   0: 0100007F:4E20 00000000:0000 0A 00000000:00000000\n")  # 127.0.0.1:20000 listening
+    ports = pick_ports(listing, 500, rng=random.Random(7))
+    assert len(set(ports)) == 500 and all(PORT_FLOOR < p < 32768 for p in ports)  # 20000 is taken
+    assert all(PORT_FLOOR <= p <= 21000 for p in pick_ports("1024 60999\n", 5))  # an odd range: still 1000
+    assert all(PORT_FLOOR <= p < 32768 for p in pick_ports("", 5))  # unreadable: Linux's default
