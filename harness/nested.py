@@ -36,6 +36,7 @@ from harness.core.publish import DISCARD, publish, scratch_name, write_atomic
 from harness.errors import HarnessError, LaunchError, TransportError, headline
 from harness.guest import BootOptions, Guest, boot, probe_host
 from harness.hosts import probe
+from harness.images import disk
 from harness.images import store as images
 from harness.images.disk import OWN_DISK_KINDS
 from harness.images.steps import run_step
@@ -124,9 +125,7 @@ def own_disk_drives(img: Image, devices: dict[str, str] | None = None) -> list[D
     """The read-only drives that show a host the files of *img* (kind disk or cloud), whatever their format:
     the host's QEMU reads the format (this level's), so the host sees each file's virtual disk and its inner
     QEMU opens that raw.  *devices* (a parent host's): the files are that host's block devices already."""
-    from harness.images import disk
-
-    if img.recipe.kind not in disk.OWN_DISK_KINDS:
+    if img.recipe.kind not in OWN_DISK_KINDS:
         return []
     if devices is None:
         return [Drive(f, fmt, read_only=True, serial=file_serial(f)) for f, fmt in disk.host_files(img)]
@@ -163,6 +162,9 @@ def payload_disk(inner: list[Image]) -> Path:
     return target
 
 
+PORT_FLOOR = 20000
+
+
 def pick_ports(listing: str, count: int, *, rng: random.Random | None = None) -> list[int]:
     """*count* ports from below the ephemeral range and not in use, from *listing*: the
     ``ip_local_port_range`` line, then ``/proc/net/tcp`` and ``tcp6`` (pure)."""
@@ -186,8 +188,6 @@ def pick_ports(listing: str, count: int, *, rng: random.Random | None = None) ->
             chosen.append(port)
     return chosen
 
-
-PORT_FLOOR = 20000
 
 
 @dataclass
@@ -438,16 +438,6 @@ done
 """
 
 
-def _ready(image: str | Image) -> Image:
-    """An inner image, built (a brought one checked again if its file changed)."""
-    img = images.build(image)
-    if img.recipe.kind in OWN_DISK_KINDS:
-        from harness.images import disk
-
-        img = disk.prepare(img)
-    return img
-
-
 @contextlib.contextmanager
 def boot_l1(inner: Sequence[str | Image], *, log_dir: Path | None = None, image: str = L1_IMAGE,
             probe_inner: bool = True, extra_options: dict[str, Any] | None = None,
@@ -458,7 +448,8 @@ def boot_l1(inner: Sequence[str | Image], *, log_dir: Path | None = None, image:
     hypervisor, its guests at L3); the parent must carry this host's image and *inner*.
     *extra_drives* are attached too (level 1 only), e.g. a disk of files for the L1.
     """
-    inner_images = [_ready(i) for i in inner]
+    # Built; a brought image checked again if its file changed since (disk.prepare).
+    inner_images = [disk.prepare(images.build(i)) for i in inner]
     if probe_inner and "tiny-x86_64" not in {i.name for i in inner_images}:
         inner_images.append(images.build("tiny-x86_64"))
     l1_image = images.build(image)

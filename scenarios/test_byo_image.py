@@ -86,6 +86,7 @@ def test_cloud_image_boots_inside_an_l1(level: str, tmp_path: Path, cloud_disk: 
     recipe = tmp_path / "byo-vmdk-l2.toml"
     recipe.write_text(f'kind = "disk"\narch = "x86_64"\npath = "{src}"\nready_timeout = 1200\n')
     img = store.image_for(parse_recipe(recipe))
+    before = src.stat().st_mtime_ns
     with boot_l1([img]) as host, host.inner(img, via="ssh") as g:
         nestbed_facts.update(format="vmdk", accel=g.accel.value, accel_reason=g.accel_reason,
                              ready_seconds=round(g.ready_seconds or 0, 1), l1_accel=host.l0_accel.value)
@@ -93,5 +94,6 @@ def test_cloud_image_boots_inside_an_l1(level: str, tmp_path: Path, cloud_disk: 
         assert g.accel.value == host.accel["x86_64"]["chosen"], g.accel_reason  # KVM where the L1 has it
         assert g.check_output("id -un") == "root" and g.check_output("hostname") == "byo-vmdk-l2"
         assert g.serial.check_output("echo serial-ok") == "serial-ok"
-        # The L1 booted what the L0 file holds: the user's file is never written, at any level.
-        assert g.check_output("cat /sys/class/dmi/id/product_serial").startswith("nestbed.token=")
+        # This boot's token reached the L2 through SMBIOS (the seed's ready script keys its marker on it).
+        assert g.check_output("cat /sys/class/dmi/id/product_serial") == f"nestbed.token={g.machine.token}"
+    assert src.stat().st_mtime_ns == before  # the user's file is never written, at any level

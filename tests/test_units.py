@@ -384,4 +384,7 @@ def test_l1_ports_are_chosen_below_the_ephemeral_range_and_free() -> None:
     ports = pick_ports(listing, 500, rng=random.Random(7))
     assert len(set(ports)) == 500 and all(PORT_FLOOR < p < 32768 for p in ports)  # 20000 is taken
     assert all(PORT_FLOOR <= p <= 21000 for p in pick_ports("1024 60999\n", 5))  # an odd range: still 1000
+    # Every port of that thousand in use but one: that one, whatever the draw.
+    busy = "".join(f"   0: 0100007F:{port:04X} 00000000:0000 0A\n" for port in range(PORT_FLOOR, 21001) if port != 20500)
+    assert pick_ports("1024 60999\n  sl  local_address\n" + busy, 1) == [20500]
     assert all(PORT_FLOOR <= p < 32768 for p in pick_ports("", 5))  # unreadable: Linux's default

@@ -259,12 +259,17 @@ def uses_seed(image: Image) -> bool:
     return image.recipe.kind is Kind.CLOUD or image.recipe.cloud_init
 
 
+def extra_disks(image: Image) -> list[tuple[Path, DiskFormat, DriveInterface]]:
+    """An OVA's second and later disks, in the OVF's order, as its manifest records them."""
+    return [(image.dir / d["path"], DiskFormat(d["format"]), DriveInterface(d["interface"]))
+            for d in (image.manifest.get("hardware") or {}).get("extra_disks", ())]
+
+
 def host_files(image: Image) -> list[tuple[Path, DiskFormat]]:
     """Every file a boot of *image* (kind disk or cloud) opens, with its format: the boot disk, an OVA's
     other disks, the seed.  An L1 that runs the image gets each as a read-only drive (harness/nested.py)."""
     files = [(image.disk, DiskFormat(image.manifest.get("format", "qcow2")))]
-    files += [(image.dir / d["path"], DiskFormat(d["format"]))
-              for d in (image.manifest.get("hardware") or {}).get("extra_disks", ())]
+    files += [(path, fmt) for path, fmt, _ in extra_disks(image)]
     if uses_seed(image):
         files.append((seed.seed(name=image.name, extra=image.recipe.user_data), DiskFormat.RAW))
     return [(Path(f), fmt) for f, fmt in files if f is not None]
@@ -294,8 +299,8 @@ def boot_spec(base: MachineSpec, image: Image, *, token: str, firmware: Firmware
     # snapshot=on: QEMU writes to a throw-away qcow2 overlay; the user's file is opened read-only under it.
     drives = [Drive(disk, fmt, interface=iface, snapshot=True, serial="nestbed-root", bootindex=0)]
     # An OVA's other disks, in the OVF's order, each behind its own throw-away overlay too.
-    drives += [Drive(image.dir / d["path"], DiskFormat(d["format"]), interface=DriveInterface(d["interface"]),
-                     snapshot=True, serial=f"nestbed-disk{i}") for i, d in enumerate(hw.get("extra_disks", ()), 2)]
+    drives += [Drive(path, dfmt, interface=dif, snapshot=True, serial=f"nestbed-disk{i}")
+               for i, (path, dfmt, dif) in enumerate(extra_disks(image), 2)]
     extra: list[str] = []
     if uses_seed(image):
         drives.append(Drive(seed.seed(name=image.name, extra=r.user_data), DiskFormat.RAW, interface=iface,

@@ -157,10 +157,9 @@ def mark_used(image: Image) -> None:
         pass
 
 
-def _remove_stale(image: Image, *, now: float | None = None) -> list[Path]:
+def _remove_stale(image: Image) -> None:
     """Drop the other builds of *image*'s name (other recipe digests) unused for :data:`STALE_AFTER`."""
-    now = time.time() if now is None else now
-    removed = []
+    now = time.time()
     for other in image.dir.parent.glob(f"{image.name}-*"):
         if other == image.dir or not other.is_dir() or not other.name[len(image.name) + 1:].isalnum():
             continue
@@ -170,5 +169,3 @@ def _remove_stale(image: Image, *, now: float | None = None) -> list[Path]:
             used = other.stat().st_mtime  # not a finished build: judged by the directory
         if now - used > STALE_AFTER:
             shutil.rmtree(other, ignore_errors=True)
-            removed.append(other)
-    return removed

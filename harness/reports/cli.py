@@ -131,8 +131,7 @@ def matrix_file(args: argparse.Namespace, scenarios: Path) -> Path:
     """``--matrix FILE``, else the scenario directory's own matrix.toml, else the built-in matrix."""
     if getattr(args, "matrix", None):
         return Path(args.matrix).resolve()
-    own = scenarios / "matrix.toml"
-    return own if own.is_file() else DEFAULT_MATRIX
+    return mx.matrix_for(scenarios)
 
 
 def pytest_argv(args: argparse.Namespace, out: Path, matrix_path: Path, extra: list[str]) -> list[str]:

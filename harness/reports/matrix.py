@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.core import paths
 from harness.errors import RecipeError, UsageError
 
 MATRIX_VERSION = 1
@@ -376,6 +377,12 @@ def declared(matrix: Matrix, nodeid: str, coords: Mapping[str, str | None], outc
     if lapsed is not None:
         return Verdict(None, f"expect[{lapsed.index}] lapsed on {lapsed.until}: {lapsed.reason}")
     return Verdict(None, "no [[expect]] rule declares it")
+
+
+def matrix_for(scenarios: Path) -> Path:
+    """A scenario directory's matrix: its own ``matrix.toml``, else nestbed's built-in one."""
+    own = Path(scenarios) / "matrix.toml"
+    return own if own.is_file() else paths.builtin_dir("scenarios") / "matrix.toml"
 
 
 def load_matrix(path: Path | str) -> Matrix:

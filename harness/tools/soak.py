@@ -151,10 +151,9 @@ def selection(tier: str, where: Path) -> list[str]:
     strictness (``nightly`` has the nested cells it includes by level, whatever their markers).  Anything
     else is a marker expression (``-m``), as before.
     """
-    from harness.reports.matrix import load_matrix
+    from harness.reports.matrix import load_matrix, matrix_for
 
-    own = where / "matrix.toml"
-    matrix_path = own if own.is_file() else paths.builtin_dir("scenarios") / "matrix.toml"
+    matrix_path = matrix_for(where)
     if matrix_path.is_file():
         matrix = load_matrix(matrix_path)
         if tier in matrix.tiers or tier in matrix.hosts:
