@@ -180,6 +180,19 @@ def test_sweep_kills_qemu_of_a_dead_owner(tmp_path: Path) -> None:
             qemu.wait()
 
 
+def test_sweep_skips_a_run_directory_that_vanishes_under_it(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # Seen with two harness processes starting at once (2026-12-02): one listed a half-created run
+    # directory, its owner removed it, and the stat for its age raised FileNotFoundError out of launch().
+    root = tmp_path / "run"
+    root.mkdir()
+    (root / "young").mkdir()  # no owner file yet: too young to reap
+    listed = [root / "young", root / "gone-1234"]  # as iterdir saw them; "gone-1234" removed since
+    monkeypatch.setattr(Path, "iterdir", lambda self: iter(listed) if self == root else iter(()))
+    assert sweep_stale_runs(root) == []
+    assert (root / "young").is_dir()
+
+
 def test_accel_is_chosen_automatically_and_recorded() -> None:
     from harness.guest import accel_verdict
     from harness.vm.spec import Arch

@@ -121,8 +121,12 @@ def sweep_stale_runs(run_root: Path | None = None) -> list[int]:
         try:
             owner = int((run / "owner").read_text())
         except (OSError, ValueError):
-            # Half-created directory: only reap it once it is clearly old.
-            if time.time() - run.stat().st_mtime < 60:
+            # Half-created directory: only reap it once it is clearly old.  Gone meanwhile: its owner
+            # finished, or another process's sweep took it.
+            try:
+                if time.time() - run.stat().st_mtime < 60:
+                    continue
+            except FileNotFoundError:
                 continue
             owner = 0
         if owner and _pid_alive(owner):
