@@ -299,8 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     bp2.add_argument("--runs", type=int, default=7, help="runs per measurement (default 7, at least 5)")
     bp2.add_argument("--only", action="append", metavar="NAME",
                      help="run only this benchmark (repeatable): boot-tiny-x86_64, boot-tiny-i386, debian-ssh-ready, "
-                          "nested-level-2, warm-start, reset, hops, virtme-ng, and the slow ones reset-l2, smoke-tier, "
-                          "image-build, kvm-host")
+                          "tcg-threads, nested-level-2, warm-start, reset, hops, virtme-ng, and the slow ones reset-l2, "
+                          "smoke-tier, image-build, kvm-host")
     bp2.add_argument("--slow", action="store_true",
                      help="also run the slow benchmarks (smoke-tier: minutes per run, one run per side; reset-l2; "
                           "image-build; kvm-host: nestbed inside an L1)")

@@ -78,7 +78,7 @@ def test_make_test_reruns_exactly_the_nested_faults() -> None:
     # The Makefile's --only-rerun patterns against the messages the harness builds for them.
     import re
 
-    from harness.errors import GuestFrozen, QemuExited
+    from harness.errors import GuestFrozen, QemuCrashed, QemuExited
     from harness.vm.machine import exit_message
 
     makefile = (Path(__file__).resolve().parent.parent / "Makefile").read_text().replace("\\\n", " ")
@@ -99,6 +99,12 @@ def test_make_test_reruns_exactly_the_nested_faults() -> None:
     assert not rerun(exited(1, "guest-reset", "while waiting for output block O"))  # a plain guest's own reset
     assert not rerun(exited(2, "guest-shutdown", "while waiting for output block O"))
     assert not rerun(exited(2, None, "while waiting for output block O"))
+    # L0's QEMU 7.2 segfaulting under TCG (RELIABILITY.md): that signal only, at level 1 only.
+    assert rerun(QemuCrashed("QEMU crashed (killed by signal 11)", returncode=-11, level=1))
+    assert not rerun(QemuCrashed("QEMU crashed (killed by signal 9)", returncode=-9, level=1))  # killed on purpose
+    assert not rerun(QemuCrashed("QEMU crashed (killed by signal 6) qemu: fatal: invalid tss type", returncode=-6,
+                                 level=1))
+    assert not rerun(QemuCrashed("QEMU crashed (killed by signal 11)", returncode=-11, level=2))
 
 
 def test_accel_options_go_on_the_one_accel() -> None:

@@ -143,6 +143,29 @@ def bench_debian_ssh(runs: int) -> dict[str, Any]:
             "target_ssh_ready": 8.0, "meets_target": statistics.median(ssh) <= 8.0}
 
 
+@benchmark("tcg-threads")
+def bench_tcg_threads(runs: int) -> dict[str, Any]:
+    """2-vCPU guests under TCG, launch to SSH: one TCG thread per vCPU (QEMU's default, nestbed's too) vs one
+    thread for all (``BootOptions(tcg_threads="single")``): what single-threaded TCG costs a booting guest."""
+    from harness.guest import BootOptions, boot
+
+    def ssh_ready(image: str, threads: str) -> Callable[[], float]:
+        def once() -> float:
+            started = time.monotonic()
+            with boot(image, via="ssh", options=BootOptions(accel=Accel.TCG, vcpus=2, tcg_threads=threads,
+                                                            warm_start=False)):
+                return time.monotonic() - started
+        return once
+
+    out: dict[str, Any] = {"what": "2 vCPUs under TCG, launch -> SSH authenticated: `-accel tcg,thread=multi` "
+                                   "vs `thread=single`, interleaved"}
+    for image in ("debian-x86_64", "appliance-web"):
+        images.build(image)
+        multi, single = _side_by_side(ssh_ready(image, "multi"), ssh_ready(image, "single"), runs)
+        out[image] = _ratio("multi", multi, "single", single, None)
+    return out
+
+
 @benchmark("image-build", slow=True)
 def bench_image_build(runs: int) -> dict[str, Any]:
     """debian-x86_64 built cold into an empty cache (once: a build is ~1-2 min), then warm (cache hits)."""
