@@ -337,6 +337,7 @@ def test_unsupported_controllers(tmp_path: Path, ctrl: str, match: str) -> None:
 @pytest.mark.parametrize(("xml", "match"), [
     (b"this is not xml", "not well-formed XML"),
     (b"<?xml version='1.0'?><html/>", "not an OVF <Envelope>"),
+    (b"<?xml version='1.0' encoding='aTF-8'?><Envelope/>", "not readable XML.*unknown encoding"),
     (envelope((CPU, SCSI, DISK)), "names no memory"),
     (envelope((item("3", "1", qty="0"), MEMORY, SCSI, DISK)), "CPU count: 0 is outside"),
     (envelope((CPU, item("4", "2", qty="1", units="byte * 3^2"), SCSI, DISK)), "allocation units"),
@@ -349,8 +350,8 @@ def test_unsupported_controllers(tmp_path: Path, ctrl: str, match: str) -> None:
     (envelope((CPU, MEMORY, SCSI, item("17", "4", parent="3", host="ovf:/disk/nope"))), "not in the DiskSection"),
     (envelope(href="disk1.bin").replace(b'ovf:format="http://www.vmware.com/interfaces/specifications/vmdk.html'
                                         b'#streamOptimized"', b'ovf:format="urn:weird"'), "unsupported disk format"),
-], ids=["not-xml", "not-ovf", "no-memory", "zero-cpus", "units", "nan", "furlongs", "dotdot-href", "abs-href", "url",
-        "capacity", "dangling-disk", "format"])
+], ids=["not-xml", "not-ovf", "unknown-encoding", "no-memory", "zero-cpus", "units", "nan", "furlongs", "dotdot-href",
+        "abs-href", "url", "capacity", "dangling-disk", "format"])
 def test_bad_descriptors(tmp_path: Path, xml: bytes, match: str) -> None:
     _refused(_ovf_dir(tmp_path, xml), match)
 

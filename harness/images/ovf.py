@@ -250,7 +250,7 @@ def parse_xml(data: bytes, file: object) -> Element:
         raise OvfError(file, "the XML names an external reference: refused") from None
     except DET.ParseError as exc:
         raise OvfError(file, f"not well-formed XML: {exc}") from None
-    except (ValueError, RecursionError) as exc:
+    except (ValueError, LookupError, RecursionError) as exc:  # LookupError: an unknown encoding= name
         raise OvfError(file, f"not readable XML: {exc}") from None
     if _local(root.tag) != "Envelope":
         raise OvfError(file, f"the root element is <{_local(root.tag) or '?'}>, not an OVF <Envelope>")
