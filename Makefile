@@ -14,7 +14,7 @@ lint: setup
 # The project's own tests: unit, plugin and a lean set of real boots.
 # Now and then an emulated L1, or an L2 under its KVM, resets itself (TCG's SVM emulation), and L0's QEMU 7.2
 # segfaults in its TCG MMIO dispatch under a multi-vCPU guest (RELIABILITY.md, Known gaps): a test that saw
-# exactly one of those gets one more run (on a fresh L1); any other failure fails at once.
+# exactly one of those gets one more run (on a fresh L1 where one died); any other failure fails at once.
 NESTED_RERUN := --reruns 1 --only-rerun "level 1 died" --only-rerun "l1-host@L1: connection is closed" \
 	--only-rerun "level [2-9]: QEMU exited unexpectedly \(exit status 0, the guest reset the machine" \
 	--only-rerun "level 1: QEMU crashed \(killed by signal 11\)"

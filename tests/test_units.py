@@ -79,7 +79,7 @@ def test_make_test_reruns_exactly_the_nested_faults() -> None:
     import re
 
     from harness.errors import GuestFrozen, QemuCrashed, QemuExited
-    from harness.vm.machine import exit_message
+    from harness.vm.machine import crash_message, exit_message
 
     makefile = (Path(__file__).resolve().parent.parent / "Makefile").read_text().replace("\\\n", " ")
     line = next(ln for ln in makefile.splitlines() if ln.startswith("NESTED_RERUN"))
@@ -100,11 +100,13 @@ def test_make_test_reruns_exactly_the_nested_faults() -> None:
     assert not rerun(exited(2, "guest-shutdown", "while waiting for output block O"))
     assert not rerun(exited(2, None, "while waiting for output block O"))
     # L0's QEMU 7.2 segfaulting under TCG (RELIABILITY.md): that signal only, at level 1 only.
-    assert rerun(QemuCrashed("QEMU crashed (killed by signal 11)", returncode=-11, level=1))
-    assert not rerun(QemuCrashed("QEMU crashed (killed by signal 9)", returncode=-9, level=1))  # killed on purpose
-    assert not rerun(QemuCrashed("QEMU crashed (killed by signal 6) qemu: fatal: invalid tss type", returncode=-6,
-                                 level=1))
-    assert not rerun(QemuCrashed("QEMU crashed (killed by signal 11)", returncode=-11, level=2))
+    def crashed(level: int, rc: int, stderr: str = "") -> QemuCrashed:
+        return QemuCrashed(crash_message(rc, stderr), returncode=rc, level=level)
+
+    assert rerun(crashed(1, -11))
+    assert not rerun(crashed(1, -9))  # killed on purpose (tests/test_security.py)
+    assert not rerun(crashed(1, -6, "qemu-system-x86_64: x\nqemu: fatal: invalid tss type\n"))
+    assert not rerun(crashed(2, -11))
 
 
 def test_accel_options_go_on_the_one_accel() -> None:

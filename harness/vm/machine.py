@@ -65,6 +65,16 @@ def exit_message(rc: int | None, reason: str | None, why: str) -> str:
     """The headline of :class:`QemuExited` (the Makefile's rerun patterns match it: tests/test_units.py)."""
     said = f", {SHUTDOWN_REASONS.get(reason, 'QMP SHUTDOWN reason ' + reason)}" if reason else ""
     return f"QEMU exited unexpectedly (exit status {rc}{said}): {why}"
+
+
+def crash_message(rc: int | None, stderr: str) -> str:
+    """The headline of :class:`QemuCrashed`: the signal (or exit status) and QEMU's own "qemu: fatal:" line.
+    The Makefile's rerun patterns match it too (tests/test_units.py)."""
+    first = next((ln for ln in stderr.splitlines() if "qemu: fatal:" in ln), "")
+    sig = f"killed by signal {-rc}" if rc is not None and rc < 0 else f"exit status {rc}"
+    return f"QEMU crashed ({sig}) {first}".strip()
+
+
 PR_SET_PDEATHSIG = 1
 
 
@@ -365,9 +375,7 @@ class Machine:
         if self.killed_because:
             raise GuestFrozen(f"{self.killed_because}: {why}", **kw) from cause
         if "qemu: fatal:" in stderr or (rc is not None and rc < 0):
-            first = next((ln for ln in stderr.splitlines() if "qemu: fatal:" in ln), "")
-            sig = f"killed by signal {-rc}" if rc is not None and rc < 0 else f"exit status {rc}"
-            raise QemuCrashed(f"QEMU crashed ({sig}) {first}".strip(), returncode=rc, **kw) from cause
+            raise QemuCrashed(crash_message(rc, stderr), returncode=rc, **kw) from cause
         reason = self.shutdown_reason() if rc == 0 else None
         raise QemuExited(exit_message(rc, reason, why), returncode=rc, reason=reason, **kw) from cause
 
