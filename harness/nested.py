@@ -190,6 +190,23 @@ def pick_ports(listing: str, count: int, *, rng: random.Random | None = None) ->
 
 
 
+def inner_endpoints(serial_port: int, qmp_port: int | None, remote_dir: str) -> Endpoints:
+    """Where a QEMU in L1 listens for L0: loopback TCP, each chardev with ``wait=on`` (pure).
+
+    QEMU runs nothing until L0 has connected both, in argv order (serial, then QMP).  For the serial
+    console that means no byte is lost before L0 reads it.  For QMP it means the monitor starts out
+    with its client: QEMU 7.2 sends its greeting before the monitor joins the list that events go
+    to.  With ``wait=off`` the guest ran while L0 connected, and an event QEMU emitted as the
+    connection was accepted could come before the greeting or between it and the reply to
+    ``qmp_capabilities``; qemu.qmp rejects both (CI, 2026-12-02: twice in one run; RELIABILITY.md).
+    """
+    return Endpoints(
+        serial=Chardev(tcp_port=serial_port, wait=True),
+        qmp=Chardev(tcp_port=qmp_port, wait=True) if qmp_port is not None else None,
+        pidfile=Path(f"{remote_dir}/qemu.pid"),
+    )
+
+
 @dataclass
 class L1Host:
     """A running L1: its guest handle, its probe verdict, and where inner images live in it."""
@@ -316,12 +333,8 @@ class InnerMachine(Machine):
     def _launch(self) -> None:
         ports = self.host.free_ports(2 + unallocated_forwards(self.spec))
         self.resolved = resolve_ports(self.spec, ports[2:])
-        endpoints = Endpoints(
-            serial=Chardev(tcp_port=ports[0], wait=True),  # no byte lost before L0 connects
-            qmp=Chardev(tcp_port=ports[1]) if self.use_qmp else None,
-            pidfile=Path(f"{self.remote_dir}/qemu.pid"),
-        )
-        self.argv = build_argv(self.resolved, endpoints)
+        self.argv = build_argv(self.resolved, inner_endpoints(ports[0], ports[1] if self.use_qmp else None,
+                                                              self.remote_dir))
         d = shlex.quote(self.remote_dir)
         inner = f"{shlex.join(self.argv)} >stderr 2>&1 </dev/null; echo $? >status"
         script = (f"mkdir -p -m 0700 {d} && cd {d} && "

@@ -382,6 +382,20 @@ def test_the_recipe_settings_table_and_the_recipe_fields_agree() -> None:
     assert all(s.help for s in SETTINGS.values())
 
 
+def test_an_inner_qemu_runs_nothing_until_l0_holds_its_serial_and_qmp() -> None:
+    # QMP with wait=off let the guest run, and QEMU emit events, while L0 connected: in CI an event
+    # came before the greeting (and once between it and the capabilities reply), and qemu.qmp refused.
+    from harness.nested import inner_endpoints
+
+    argv = build_argv(MachineSpec(accel=Accel.KVM), inner_endpoints(23000, 23001, "/run/nestbed/x"))
+    chardevs = _opt(argv, "-chardev")
+    assert chardevs == ["socket,id=serial0,host=127.0.0.1,port=23000,server=on,wait=on",
+                        "socket,id=qmp0,host=127.0.0.1,port=23001,server=on,wait=on"]  # L0 connects in this order
+    assert _opt(argv, "-pidfile") == ["/run/nestbed/x/qemu.pid"]
+    no_qmp = build_argv(MachineSpec(accel=Accel.KVM), inner_endpoints(23000, None, "/r"))
+    assert _opt(no_qmp, "-chardev") == [chardevs[0]] and "-mon" not in no_qmp
+
+
 def test_l1_ports_are_chosen_below_the_ephemeral_range_and_free() -> None:
     import random
 

@@ -329,6 +329,12 @@ class Machine:
                 logging.getLogger(name).setLevel(logging.CRITICAL + 1)
             raise
         except Exception as exc:
+            # A QEMU that died (a bad option, a crash) closes the socket: its exit is the error.  One that
+            # is still running sent something the handshake did not expect: that is no exit.
+            self._blame()
+            if self.wait(KILL_TIMEOUT) is None:
+                raise LaunchError(f"QMP handshake failed, QEMU still running: {exc}", level=self.level,
+                                  serial_tail=self.serial_tail(), stderr_tail=self.stderr_text()) from exc
             self.raise_exited(f"QMP handshake failed: {exc}", cause=exc)
 
     @property
