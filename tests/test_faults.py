@@ -25,10 +25,11 @@ import pytest
 from conftest import REPO, nestbed, pid_gone, qemu_pids_under
 
 from harness.core import paths
-from harness.errors import CommandTimedOut, ConsoleTimeout, HarnessError, QemuExited, TransportError
+from harness.errors import CommandTimedOut, ConsoleTimeout, HarnessError, LaunchError, QemuExited, TransportError
 from harness.guest import BootOptions, boot
 from harness.tools.soak import Outcome, parse_junit, render, tally
-from harness.vm.machine import sweep_stale_runs
+from harness.vm import machine
+from harness.vm.machine import Machine, sweep_stale_runs
 
 EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGKILL: -signal.SIGKILL}
 
@@ -121,6 +122,31 @@ def test_signal_during_the_qmp_handshake_is_one_line(tiny_images: None, sig: sig
     # "Task exception was never retrieved".
     assert "Traceback" not in stderr and "QMP library" not in stderr, stderr
     assert len(stderr.splitlines()) <= 1, stderr
+
+
+@pytest.mark.boot
+@pytest.mark.timeout(120)  # without the handshake's deadline this waited forever
+def test_a_qemu_that_never_greets_on_qmp_is_a_launch_error_at_the_handshake_deadline(
+        tiny_images: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    # qemu.qmp waits for the greeting with no timeout of its own: a frozen QEMU hung the harness for good.
+    monkeypatch.setattr(machine, "QMP_HANDSHAKE_TIMEOUT", 3.0)
+    frozen: list[int] = []
+    real_connect = Machine._connect_qmp
+
+    def freeze_then_connect(self: Machine, sock):  # type: ignore[no-untyped-def]
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGSTOP)  # QEMU just started: its greeting is not out yet
+        frozen.append(self.proc.pid)
+        real_connect(self, sock)
+
+    monkeypatch.setattr(Machine, "_connect_qmp", freeze_then_connect)
+    started = time.monotonic()
+    with pytest.raises(LaunchError) as info, boot("tiny-x86_64", options=BootOptions(warm_start=False)):
+        pass
+    assert time.monotonic() - started < 30
+    assert info.value.level == 1
+    assert info.value.headline == "level 1: no QMP greeting within 3 s (QEMU still running)", info.value.headline
+    assert pid_gone(frozen[0], timeout=10), "the frozen QEMU was left behind"
 
 
 # -- signals to a pytest process that uses the plugin -------------------------------------------------

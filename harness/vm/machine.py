@@ -23,6 +23,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import IO, Any, NoReturn
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 
 PANIC_RE = r"Kernel panic - not syncing[^\n]*"
 QMP_TIMEOUT = 10.0
+QMP_HANDSHAKE_TIMEOUT = 60.0  # QEMU's greeting and the capabilities reply; qemu.qmp's connect() has no timeout
 POWERDOWN_TIMEOUT = 20.0
 QUIT_TIMEOUT = 5.0
 KILL_TIMEOUT = 5.0
@@ -318,9 +320,25 @@ class Machine:
         from qemu.qmp.legacy import QEMUMonitorProtocol
 
         self.qmp = QEMUMonitorProtocol(sock, nickname=self.spec.name)
+        # qemu.qmp waits for the greeting with no timeout: a QEMU that never sends it (frozen, or an L1
+        # that froze on the way) would hang us.  Shutting the socket down at the deadline ends that wait
+        # (a shutdown, not a close: no file descriptor is freed under qemu.qmp's feet).
+        timed_out = threading.Event()
+
+        def give_up() -> None:
+            timed_out.set()
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+        watchdog = threading.Timer(QMP_HANDSHAKE_TIMEOUT, give_up)
+        watchdog.daemon = True
+        watchdog.start()
         try:
             self.qmp.settimeout(QMP_TIMEOUT)
             self.qmp.connect()
+            watchdog.cancel()
+            if timed_out.is_set():  # it fired as the handshake finished: the socket is shut all the same
+                raise TimeoutError("the socket was shut at the deadline")
         except (KeyboardInterrupt, SystemExit):
             # Interrupted mid-handshake (Ctrl-C, SIGTERM): qemu.qmp's event loop, resumed by the
             # teardown, logs tracebacks about the dead connection ("This is a bug in the QMP
@@ -329,13 +347,17 @@ class Machine:
                 logging.getLogger(name).setLevel(logging.CRITICAL + 1)
             raise
         except Exception as exc:
+            why = (f"no QMP greeting within {QMP_HANDSHAKE_TIMEOUT:g} s" if timed_out.is_set()
+                   else f"QMP handshake failed: {exc}")
             # A QEMU that died (a bad option, a crash) closes the socket: its exit is the error.  One that
-            # is still running sent something the handshake did not expect: that is no exit.
+            # is still running is stuck, or sent something the handshake did not expect: that is no exit.
             self._blame()
             if self.wait(KILL_TIMEOUT) is None:
-                raise LaunchError(f"QMP handshake failed, QEMU still running: {exc}", level=self.level,
+                raise LaunchError(f"{why} (QEMU still running)", level=self.level,
                                   serial_tail=self.serial_tail(), stderr_tail=self.stderr_text()) from exc
-            self.raise_exited(f"QMP handshake failed: {exc}", cause=exc)
+            self.raise_exited(why, cause=exc)
+        finally:
+            watchdog.cancel()
 
     @property
     def uptime(self) -> float:
