@@ -9,8 +9,9 @@
   one small ext4 "payload" disk built and cached on L0.
 * :class:`InnerMachine` is a :class:`~harness.vm.machine.Machine` whose QEMU runs in L1: its
   argv comes from the same :func:`~harness.vm.spec.build_argv`, its serial console and QMP
-  are chardevs on L1's loopback reached through ``direct-tcpip`` channels, and its
-  serial output is logged on L0 like any guest's.  When L1 itself dies, errors name
+  are chardevs on L1's loopback reached through ``direct-tcpip`` channels (QEMU runs nothing
+  until L0 holds both: :func:`inner_endpoints`), and its serial output is logged on L0 like
+  any guest's.  When L1 itself dies, errors name
   level 1 and carry L1's QEMU stderr (e.g. ``qemu: fatal: invalid tss type``).
 """
 
