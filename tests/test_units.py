@@ -410,3 +410,19 @@ def test_l1_ports_are_chosen_below_the_ephemeral_range_and_free() -> None:
     busy = "".join(f"   0: 0100007F:{port:04X} 00000000:0000 0A\n" for port in range(PORT_FLOOR, 21001) if port != 20500)
     assert pick_ports("1024 60999\n  sl  local_address\n" + busy, 1) == [20500]
     assert all(PORT_FLOOR <= p < 32768 for p in pick_ports("", 5))  # unreadable: Linux's default
+
+
+def test_a_watchdog_acts_only_on_a_block_that_outlives_its_deadline() -> None:
+    import threading
+    import time
+
+    from harness.core.watchdog import Watchdog
+
+    acted = threading.Event()
+    with Watchdog(0.05, acted.set) as quick:
+        pass
+    time.sleep(0.2)
+    assert not quick.fired and not acted.is_set()  # cancelled when the block ended
+    with Watchdog(0.05, acted.set) as slow:
+        assert acted.wait(5)  # the block is still running: the action ends its wait
+    assert slow.fired

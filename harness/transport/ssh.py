@@ -13,7 +13,6 @@ import base64
 import contextlib
 import logging
 import select
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 
 import paramiko
 
+from harness.core.watchdog import Watchdog
 from harness.errors import CommandTimedOut, HarnessError, TransportError
 from harness.transport.base import DEFAULT_TIMEOUT, CommandResult, TransportBase, quote_command
 
@@ -144,12 +144,8 @@ class SSHTransport(TransportBase):
             chan = self.transport.open_session(timeout=timeout)
             # paramiko waits for the answer to "exec" with no timeout: a guest that freezes just
             # then would hang us.  Closing the channel at the deadline ends that wait.
-            watchdog = threading.Timer(max(0.1, deadline - time.monotonic()), chan.close)
-            watchdog.start()
-            try:
+            with Watchdog(max(0.1, deadline - time.monotonic()), chan.close):
                 chan.exec_command(command)
-            finally:
-                watchdog.cancel()
         except (paramiko.SSHException, OSError, EOFError) as exc:
             if time.monotonic() >= deadline:  # out of time before the command even started
                 raise self._stalled(CommandTimedOut(command, timeout)) from None

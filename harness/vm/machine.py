@@ -23,7 +23,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 from typing import IO, Any, NoReturn
@@ -32,6 +31,7 @@ import pexpect
 
 from harness.core import paths
 from harness.core import programs as tools
+from harness.core.watchdog import Watchdog
 from harness.errors import (
     ConsoleTimeout,
     GuestFrozen,
@@ -92,6 +92,11 @@ def _set_pdeathsig() -> None:  # runs in the child between fork and exec
     # The parent may have died between fork and prctl.
     if os.getppid() == 1:
         os._exit(1)
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 def free_ports(count: int) -> list[int]:
@@ -323,21 +328,12 @@ class Machine:
         # qemu.qmp waits for the greeting with no timeout: a QEMU that never sends it (frozen, or an L1
         # that froze on the way) would hang us.  Shutting the socket down at the deadline ends that wait
         # (a shutdown, not a close: no file descriptor is freed under qemu.qmp's feet).
-        timed_out = threading.Event()
-
-        def give_up() -> None:
-            timed_out.set()
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-
-        watchdog = threading.Timer(QMP_HANDSHAKE_TIMEOUT, give_up)
-        watchdog.daemon = True
-        watchdog.start()
+        guard = Watchdog(QMP_HANDSHAKE_TIMEOUT, lambda: _shut(sock))
         try:
             self.qmp.settimeout(QMP_TIMEOUT)
-            self.qmp.connect()
-            watchdog.cancel()
-            if timed_out.is_set():  # it fired as the handshake finished: the socket is shut all the same
+            with guard:
+                self.qmp.connect()
+            if guard.fired:  # it fired as the handshake finished: the socket is shut all the same
                 raise TimeoutError("the socket was shut at the deadline")
         except (KeyboardInterrupt, SystemExit):
             # Interrupted mid-handshake (Ctrl-C, SIGTERM): qemu.qmp's event loop, resumed by the
@@ -347,7 +343,7 @@ class Machine:
                 logging.getLogger(name).setLevel(logging.CRITICAL + 1)
             raise
         except Exception as exc:
-            why = (f"no QMP greeting within {QMP_HANDSHAKE_TIMEOUT:g} s" if timed_out.is_set()
+            why = (f"no QMP greeting within {QMP_HANDSHAKE_TIMEOUT:g} s" if guard.fired
                    else f"QMP handshake failed: {exc}")
             # A QEMU that died (a bad option, a crash) closes the socket: its exit is the error.  One that
             # is still running is stuck, or sent something the handshake did not expect: that is no exit.
@@ -356,8 +352,6 @@ class Machine:
                 raise LaunchError(f"{why} (QEMU still running)", level=self.level,
                                   serial_tail=self.serial_tail(), stderr_tail=self.stderr_text()) from exc
             self.raise_exited(why, cause=exc)
-        finally:
-            watchdog.cancel()
 
     @property
     def uptime(self) -> float:
