@@ -3,7 +3,7 @@ module touches another's private names.
 
 The layers, bottom to top (README "How it is built" draws the same map)::
 
-    0  harness.errors, harness.core       errors, cache paths and publishing, programs, progress, subprocesses
+    0  harness.errors, harness.core       errors, cache paths and publishing, programs, progress, subprocesses, deadlines
     1  harness.vm                          machine spec and argv, the QEMU process, console, snapshots
     2  harness.transport                   serial, SSH, keys, the testinfra backend
     3  harness.images                      recipes, builders (tiny, debian), boot disks
