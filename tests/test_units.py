@@ -426,3 +426,18 @@ def test_a_watchdog_acts_only_on_a_block_that_outlives_its_deadline() -> None:
     with Watchdog(0.05, acted.set) as slow:
         assert acted.wait(5)  # the block is still running: the action ends its wait
     assert slow.fired
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_watchdog_ignores_an_action_on_something_already_gone() -> None:
+    import socket
+    import time
+
+    from harness.core.watchdog import Watchdog
+
+    a, b = socket.socketpair()
+    a.close()  # shutdown() on a closed socket raises OSError: the timer thread must not die with a traceback
+    with Watchdog(0.0, lambda: a.shutdown(socket.SHUT_RDWR)) as w:
+        time.sleep(0.2)
+    assert w.fired
+    b.close()

@@ -6,6 +6,7 @@ the channel, or shutting the socket down, from a timer thread ends either wait.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from types import TracebackType
@@ -13,14 +14,16 @@ from types import TracebackType
 
 class Watchdog:
     """``with Watchdog(seconds, action):`` runs *action* once if the block is still running after *seconds*;
-    :attr:`fired` says whether it did (the block may also have finished just as it fired)."""
+    :attr:`fired` says whether it did (the block may also have finished just as it fired).  An ``OSError``
+    from *action* (the channel or socket already gone) is ignored."""
 
     def __init__(self, seconds: float, action: Callable[[], object]) -> None:
         self._fired = threading.Event()
 
         def fire() -> None:
             self._fired.set()
-            action()
+            with contextlib.suppress(OSError):
+                action()
 
         self._timer = threading.Timer(max(0.0, seconds), fire)
         self._timer.daemon = True

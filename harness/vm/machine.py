@@ -94,11 +94,6 @@ def _set_pdeathsig() -> None:  # runs in the child between fork and exec
         os._exit(1)
 
 
-def _shut(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
-
-
 def free_ports(count: int) -> list[int]:
     """*count* currently free loopback TCP ports."""
     socks, ports = [], []
@@ -328,7 +323,7 @@ class Machine:
         # qemu.qmp waits for the greeting with no timeout: a QEMU that never sends it (frozen, or an L1
         # that froze on the way) would hang us.  Shutting the socket down at the deadline ends that wait
         # (a shutdown, not a close: no file descriptor is freed under qemu.qmp's feet).
-        guard = Watchdog(QMP_HANDSHAKE_TIMEOUT, lambda: _shut(sock))
+        guard = Watchdog(QMP_HANDSHAKE_TIMEOUT, lambda: sock.shutdown(socket.SHUT_RDWR))
         try:
             self.qmp.settimeout(QMP_TIMEOUT)
             with guard:
